@@ -1,0 +1,136 @@
+"""GLM model hyper-parameters, named as in MindFormers' `model.model_config` YAML section."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from glm import GLMError
+
+
+@dataclass
+class GLMConfig:
+    """ChatGLM2-6B and ChatGLM3-6B share this architecture; only the tokenizer differs."""
+
+    num_layers: int = 28
+    padded_vocab_size: int = 65024
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 13696
+    kv_channels: int = 128
+    num_attention_heads: int = 32
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    seq_length: int = 2048
+    layernorm_epsilon: float = 1e-5
+    rmsnorm: bool = True
+    post_layer_norm: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = True
+    rope_ratio: float = 1.0
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    param_init_type: str = "float32"
+    compute_dtype: str = "float32"
+    layernorm_compute_type: str = "float32"
+    use_past: bool = False
+    use_flash_attention: bool = False
+    batch_size: int = 1
+    eos_token_id: Any = 2
+    pad_token_id: int = 0
+    # Generation defaults (MindFormers keeps them in the model section).
+    max_decode_length: int = 256
+    repetition_penalty: float = 1.0
+    top_k: int = 1
+    top_p: float = 1.0
+    do_sample: bool = False
+    # Accepted for compatibility with MindFormers YAMLs; they do not change the math here.
+    apply_query_key_layer_scaling: bool = True
+    attention_softmax_in_fp32: bool = True
+    fp32_residual_connection: bool = False
+    bias_dropout_fusion: bool = True
+    quantization_bit: int = 0
+    pre_seq_len: Optional[int] = None
+    prefix_projection: bool = False
+    checkpoint_name_or_path: str = ""
+    type: str = "ChatGLM2Config"
+    initializer_range: float = 0.02
+    pet_config: Optional[dict] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ derived shapes
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model.model_config") -> GLMConfig:
+        """Build from a YAML section; unknown keys are an error naming the closest known key."""
+        import difflib
+
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {}
+        for key, value in (d or {}).items():
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise GLMError(f"{where}: unknown key {key!r}{hint}")
+            kwargs[key] = value
+        cfg = cls(**kwargs)
+        cfg.validate(where)
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    def validate(self, where: str = "model.model_config") -> None:
+        ints = ["num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
+                "num_attention_heads", "multi_query_group_num", "seq_length", "batch_size"]
+        for k in ints:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise GLMError(f"{where}.{k}: expected a positive integer, got {v!r}")
+        for k in ["layernorm_epsilon", "rope_ratio", "hidden_dropout", "attention_dropout"]:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise GLMError(f"{where}.{k}: expected a number, got {v!r}")
+        for k in ["hidden_dropout", "attention_dropout"]:
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise GLMError(f"{where}.{k}: expected a probability in [0, 1), got {getattr(self, k)!r}")
+        for k in ["param_init_type", "compute_dtype", "layernorm_compute_type"]:
+            if getattr(self, k) not in ("float32", "float16", "bfloat16"):
+                raise GLMError(f"{where}.{k}: expected float32, float16 or bfloat16, got {getattr(self, k)!r}")
+        if self.num_attention_heads * self.kv_channels != self.hidden_size:
+            raise GLMError(
+                f"{where}: num_attention_heads ({self.num_attention_heads}) x kv_channels ({self.kv_channels}) "
+                f"must equal hidden_size ({self.hidden_size})")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise GLMError(
+                f"{where}: multi_query_group_num ({self.multi_query_group_num}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.kv_channels % 4:
+            raise GLMError(f"{where}.kv_channels: must be a multiple of 4 (rotary pairs on half the head), "
+                           f"got {self.kv_channels}")
+        if not self.rmsnorm:
+            raise GLMError(f"{where}.rmsnorm: only RMSNorm (True) is supported by ChatGLM2/3")
+        if self.apply_residual_connection_post_layernorm:
+            raise GLMError(f"{where}.apply_residual_connection_post_layernorm: ChatGLM2/3 use False")
+        if not 0 <= self.pad_token_id < self.padded_vocab_size:
+            raise GLMError(f"{where}.pad_token_id: {self.pad_token_id} is outside the vocabulary "
+                           f"(padded_vocab_size {self.padded_vocab_size})")
+
+    @property
+    def eos_token_ids(self) -> list:
+        e = self.eos_token_id
+        return list(e) if isinstance(e, (list, tuple)) else [e]

@@ -1,0 +1,152 @@
+"""The ChatGLM2/ChatGLM3 causal language model.
+
+    input_ids -> embedding -> N x GLMBlock -> final RMSNorm -> output_layer -> logits
+
+`GLMForCausalLM.construct(input_ids, labels)` is the training/full-sequence path. Labels arrive
+already shifted by the data pipeline (labels[t] is the target for position t), so the loss is a plain
+token-level cross-entropy that ignores -100. `CachedStep` and `LastLogits` are thin cells over the same
+parameters for incremental decoding with the static KV cache and for recompute-style decoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from glm.model.config import GLMConfig
+from glm.model.layers import NEG_INF, GLMBlock, Linear, RMSNorm, rope_table
+from glm.runtime import ms, resolve_dtype
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab: int, hidden: int, param_dtype: ms.Type, init_std: float):
+        super().__init__()
+        self.embedding_table = Parameter(initializer(Normal(init_std), (vocab, hidden), param_dtype),
+                                         name="embedding_table")
+
+    def construct(self, input_ids: Tensor) -> Tensor:
+        return ops.gather(self.embedding_table, input_ids, 0).astype(ms.float32)
+
+
+class Encoder(nn.Cell):
+    def __init__(self, cfg: GLMConfig, param_dtype: ms.Type, compute_dtype: ms.Type, norm_dtype: ms.Type):
+        super().__init__()
+        self.layers = nn.CellList([GLMBlock(cfg, param_dtype, compute_dtype, norm_dtype)
+                                   for _ in range(cfg.num_layers)])
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, ms.float32, norm_dtype)
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_index)
+        return self.final_layernorm(x)
+
+
+class Transformer(nn.Cell):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        param_dtype = resolve_dtype(cfg.param_init_type, "model.model_config.param_init_type")
+        compute_dtype = resolve_dtype(cfg.compute_dtype, "model.model_config.compute_dtype")
+        norm_dtype = resolve_dtype(cfg.layernorm_compute_type, "model.model_config.layernorm_compute_type")
+        self.embedding = Embedding(cfg.padded_vocab_size, cfg.hidden_size, param_dtype, cfg.initializer_range)
+        self.encoder = Encoder(cfg, param_dtype, compute_dtype, norm_dtype)
+        self.output_layer = Linear(cfg.hidden_size, cfg.padded_vocab_size, False, param_dtype, compute_dtype,
+                                   cfg.initializer_range)
+
+
+class GLMForCausalLM(nn.Cell):
+    """ChatGLM2/3 with the training loss; see the module docstring for the inference cells."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.pad_token_id = config.pad_token_id
+        self.max_len = config.seq_length
+        cos, sin = rope_table(config.seq_length, config.head_dim, 10000.0 * config.rope_ratio)
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
+        self.slots = Tensor(np.arange(config.seq_length, dtype=np.int32))
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """Full-sequence forward with the causal + pad-key mask: [B, S] -> [B, S, H] (fp32)."""
+        _, s = input_ids.shape
+        causal = self.slots[:s].reshape(1, s) <= self.slots[:s].reshape(s, 1)          # [S, S] j <= i
+        keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
+        mask = ops.select(keep, ops.zeros_like(keep, dtype=ms.float32),
+                          ops.full_like(keep, NEG_INF, dtype=ms.float32)).reshape(-1, 1, s, s)
+        cos, sin = self.rope_cos[:s].reshape(1, 1, s, -1), self.rope_sin[:s].reshape(1, 1, s, -1)
+        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.transformer.output_layer(hidden).astype(ms.float32)
+
+    def construct(self, input_ids: Tensor, labels=None) -> Tensor:
+        logits = self.logits(self.hidden_states(input_ids))
+        if labels is None:
+            return logits
+        return token_cross_entropy(logits, labels)
+
+    def cached_hidden(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Forward over new tokens at `positions` [B, S], reading and writing the KV cache."""
+        b, s = input_ids.shape
+        allowed = self.slots.reshape(1, 1, -1) <= positions.reshape(b, s, 1)          # [B, S, max_len]
+        mask = ops.select(allowed, ops.zeros_like(allowed, dtype=ms.float32),
+                          ops.full_like(allowed, NEG_INF, dtype=ms.float32)).reshape(b, 1, s, -1)
+        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, s, -1)
+        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, s, -1)
+        row = ops.arange(b, dtype=ms.int32).reshape(b, 1) * self.max_len
+        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask, row + positions)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over positions whose label is not -100 (labels are pre-shifted)."""
+    v = logits.shape[-1]
+    logits = logits.reshape(-1, v)
+    labels = labels.reshape(-1)
+    valid = labels != -100
+    logp = ops.log_softmax(logits, -1)
+    nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1).astype(ms.int32)).reshape(-1)
+    validf = valid.astype(ms.float32)
+    return (nll * validf).sum() / ops.maximum(validf.sum(), 1.0)
+
+
+def _take_last(hidden: Tensor, last_index: Tensor) -> Tensor:
+    """hidden [B, S, H], last_index [B] -> [B, H] (each row's own last valid position)."""
+    b, _, h = hidden.shape
+    idx = last_index.reshape(b, 1, 1).broadcast_to((b, 1, h))
+    return ops.gather_elements(hidden, 1, idx).reshape(b, h)
+
+
+class CachedStep(nn.Cell):
+    """One incremental step with the static KV cache: prefill (S = prompt length) or decode (S = 1).
+
+    inputs: input_ids [B, S] (right padded), positions [B, S], last_index [B]
+    returns: fp32 logits [B, V] at each row's `last_index`.
+    """
+
+    def __init__(self, lm: GLMForCausalLM):
+        super().__init__(auto_prefix=False)   # keep the model's parameter names
+        if not lm.config.use_past:
+            raise ValueError("CachedStep needs a model built with use_past=True")
+        self.lm = lm
+
+    def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor) -> Tensor:
+        return self.lm.logits(_take_last(self.lm.cached_hidden(input_ids, positions), last_index))
+
+
+class LastLogits(nn.Cell):
+    """Full recompute (no cache): logits [B, V] at each row's `last_index`."""
+
+    def __init__(self, lm: GLMForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.lm = lm
+
+    def construct(self, input_ids: Tensor, last_index: Tensor) -> Tensor:
+        return self.lm.logits(_take_last(self.lm.hidden_states(input_ids), last_index))
+
+
+def count_parameters(net: nn.Cell, trainable_only: bool = False) -> int:
+    params = net.trainable_params() if trainable_only else [p for p in net.get_parameters()
+                                                           if not p.name.endswith("_cache")]
+    return int(sum(int(np.prod(p.shape)) for p in params))
