@@ -6,14 +6,9 @@ package can simply `import mindspore as ms`.
 
 from __future__ import annotations
 
-import os
 import sys
 
-# MindSpore prints hundreds of harmless C++ warnings (dynamic shapes, cluster retries) unless GLOG_v
-# is set before its import; 3 = errors only.
-os.environ.setdefault("GLOG_v", "3")
-
-import mindspore as ms  # noqa: E402
+import mindspore as ms  # glm/__init__.py has already set GLOG_v
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _warned_bf16 = False

@@ -13,7 +13,6 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-import glm.runtime  # noqa: F401  (sets GLOG_v before mindspore is imported)
 from glm.model.config import GLMConfig
 
 NEG_INF = -1e9  # additive mask value, applied in fp32 so it cannot overflow
