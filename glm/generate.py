@@ -1,0 +1,141 @@
+"""Batched text generation over the model's static KV cache (or full recompute, for reference).
+
+Prompts of different lengths share one batch: they are right-padded, the prefill returns each row's
+logits at its own last token, and every decode step writes each row at its own position. Rows that
+finished keep running (the batch shape is static) but their tokens are discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from glm import GLMError
+from glm.model.glm import CachedStep, GLMForCausalLM, LastLogits
+from glm.runtime import ms
+from glm.sampling import StopCriteria, choose_tokens, process_logits
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: Optional[int] = None
+    max_length: Optional[int] = None          # prompt + new tokens, as in HF; clamped to seq_length
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: list = field(default_factory=lambda: [2])
+    pad_token_id: int = 0
+    seed: int = 0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Generator:
+    """Greedy/sampled decoding for a `GLMForCausalLM`.
+
+    With `use_cache` the model must have been built with `use_past=True`; its `batch_size` is the
+    number of rows decoded together (longer prompt lists are processed in chunks). Prompt lengths are
+    padded up to a multiple of `bucket` so graph mode compiles a handful of shapes, not one per length.
+    """
+
+    def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64):
+        self.model = model
+        self.cfg = model.config
+        self.use_cache = use_cache
+        self.bucket = bucket
+        model.set_train(False)
+        if use_cache:
+            self.step = CachedStep(model)
+            self.rows = self.cfg.batch_size
+        else:
+            self.full = LastLogits(model)
+            self.rows = self.cfg.batch_size
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[list[int]], gen: GenerationConfig,
+                 streamer: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+        """Return the new tokens of every prompt (eos excluded). `streamer(row, token)` sees each token."""
+        if not prompts:
+            return []
+        rng = np.random.default_rng(gen.seed)
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompts), self.rows):
+            chunk = prompts[start:start + self.rows]
+            cb = None
+            if streamer is not None:
+                cb = (lambda off: (lambda r, t: streamer(r + off, t)))(start)
+            outputs.extend(self._generate_chunk(chunk, gen, rng, cb))
+        return outputs
+
+    # ------------------------------------------------------------------ internals
+    def _budget(self, prompts: list[list[int]], gen: GenerationConfig) -> int:
+        longest = max(len(p) for p in prompts)
+        limit = self.cfg.seq_length
+        for i, p in enumerate(prompts):
+            if not p:
+                raise GLMError(f"prompt {i}: it is empty after tokenization")
+            if len(p) >= limit:
+                raise GLMError(f"prompt {i}: {len(p)} tokens do not fit model.model_config.seq_length "
+                               f"{limit} (at least one new token is needed)")
+        if gen.max_new_tokens is not None:
+            return max(0, min(gen.max_new_tokens, limit - longest))
+        max_length = min(gen.max_length or limit, limit)
+        return max(0, max_length - longest)
+
+    def _generate_chunk(self, prompts, gen, rng, streamer) -> list[list[int]]:
+        n = len(prompts)
+        budget = self._budget(prompts, gen)
+        rows = prompts + [[gen.pad_token_id]] * (self.rows - n)     # fill the static batch
+        lengths = np.array([len(p) for p in rows], np.int32)
+        seqs = [list(map(int, p)) for p in rows]
+        new: list[list[int]] = [[] for _ in range(n)]
+        if budget == 0:
+            return new
+        stop = StopCriteria(gen.eos_token_id, lengths, max_new_tokens=budget, pad_token_id=gen.pad_token_id)
+        stop.finished[n:] = True
+        eos = set(int(e) for e in gen.eos_token_id)
+        logits = self._first_logits(rows, lengths)
+        while True:
+            scores = process_logits(logits, seqs, repetition_penalty=gen.repetition_penalty,
+                                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                                    do_sample=gen.do_sample)
+            active = stop.active
+            tokens = stop.step(choose_tokens(scores, gen.do_sample, rng))
+            for r in np.flatnonzero(active[:n]):
+                t = int(tokens[r])
+                if t in eos:
+                    continue
+                new[r].append(t)
+                seqs[r].append(t)
+                if streamer is not None:
+                    streamer(int(r), t)
+            if stop.done:
+                return new
+            logits = self._next_logits(tokens, lengths, seqs)
+            lengths = lengths + active
+
+    def _first_logits(self, rows: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+        width = min(_round_up(int(lengths.max()), self.bucket), self.cfg.seq_length)
+        ids = np.full((self.rows, width), self.cfg.pad_token_id, np.int32)
+        for i, p in enumerate(rows):
+            ids[i, :len(p)] = p
+        last = (lengths - 1).astype(np.int32)
+        if self.use_cache:
+            pos = np.broadcast_to(np.arange(width, dtype=np.int32), (self.rows, width)).copy()
+            return self.step(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(last)).asnumpy()
+        return self.full(ms.Tensor(ids), ms.Tensor(last)).asnumpy()
+
+    def _next_logits(self, tokens: np.ndarray, lengths: np.ndarray, seqs) -> np.ndarray:
+        if self.use_cache:
+            # Finished rows feed pad at their next slot: harmless, their output is no longer read.
+            tok = tokens.astype(np.int32).reshape(-1, 1)
+            pos = np.minimum(lengths, self.cfg.seq_length - 1).astype(np.int32).reshape(-1, 1)
+            zero = np.zeros(self.rows, np.int32)
+            return self.step(ms.Tensor(tok), ms.Tensor(pos), ms.Tensor(zero)).asnumpy()
+        return self._first_logits(seqs, np.array([len(s) for s in seqs], np.int32))
