@@ -1,0 +1,246 @@
+"""ADGEN (AdvertiseGen) data: JSON-lines loading, KeyWordGen preprocessing and statistics.
+
+Pure Python/numpy; the MindSpore pipeline lives in glm/dataset.py (`build_dataset`, re-exported here).
+Preprocessing follows MindFormers' KeyWordGenDataset (versions 2 and 3) with these deliberate changes:
+labels are masked to -100 by position (not by value), eval labels carry no [gMASK] sop prefix, and eval
+version 3 exists (raw content, no template).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from glm import GLMError
+from glm.tokenizer import ChatGLM2Tokenizer, GLMTokenizer
+
+IGNORE_INDEX = -100
+SKIP_REASONS = ("blank_line", "invalid_json", "missing_key", "empty_value")
+
+
+@dataclass
+class Record:
+    """One raw example: `prompt` is the content column, `answer` the summary column, `line` is 1-based."""
+
+    prompt: str
+    answer: str
+    line: int
+
+
+def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "summary"),
+               warn: bool = True) -> tuple[list[Record], dict]:
+    """Read an ADGEN-style JSON-lines file into records; returns (records, counts).
+
+    Unusable lines (blank, invalid JSON, missing key, empty value) are skipped with one warning line;
+    file-level problems and a file with no usable line raise GLMError.
+    """
+    path = Path(path)
+    if len(origin_columns) != 2:
+        raise GLMError(f"data_loader.origin_columns: expected 2 column names [prompt, answer], got {list(origin_columns)}")
+    if not path.exists():
+        raise GLMError(f"dataset file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise GLMError(f"dataset_dir {str(path)!r} is a directory; expected a JSON-lines file such as train.json")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise GLMError(f"dataset file {str(path)!r} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise GLMError(f"dataset file {str(path)!r} line {line}: not valid UTF-8 (byte {e.start}); "
+                       "re-encode the file as UTF-8 (ADGEN's train.json is often GBK)") from None
+    text = text.removeprefix("\ufeff")
+
+    key_p, key_a = origin_columns
+    records: list[Record] = []
+    skipped: dict[str, list[int]] = {r: [] for r in SKIP_REASONS}
+    # Split on "\n" only: str.splitlines() would also break at U+2028/U+0085, which JSON strings may hold raw.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for no, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            skipped["blank_line"].append(no)
+            continue
+        try:
+            obj = json.loads(line, strict=False)
+        except json.JSONDecodeError:
+            skipped["invalid_json"].append(no)
+            continue
+        if not isinstance(obj, dict):
+            skipped["invalid_json"].append(no)
+        elif key_p not in obj or key_a not in obj:
+            skipped["missing_key"].append(no)
+        elif not _nonblank(obj[key_p]) or not _nonblank(obj[key_a]):
+            skipped["empty_value"].append(no)
+        else:
+            records.append(Record(obj[key_p], obj[key_a], no))
+
+    n_skipped = sum(len(v) for v in skipped.values())
+    if warn and n_skipped:
+        first = sorted(no for v in skipped.values() for no in v)[:5]
+        detail = ", ".join(f"{k} {len(v)}" for k, v in skipped.items() if v)
+        print(f"warning: {path}: skipped {n_skipped} of {len(lines)} lines ({detail}); first at lines "
+              f"{', '.join(map(str, first))}", file=sys.stderr)
+    if not records:
+        raise GLMError(f"dataset file {str(path)!r}: no valid line with non-empty {key_p!r} and {key_a!r} "
+                       f"({len(lines)} lines read)")
+    counts = {"lines_read": len(lines), "skipped": {k: len(v) for k, v in skipped.items()}}
+    return records, counts
+
+
+def _nonblank(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _source_texts(tokenizer: GLMTokenizer, records: Sequence[Record], version: int) -> list[str]:
+    if version == 2:
+        # v2 wraps content in the ChatGLM2 "[Round 1] 问：… 答：" template, for GLM3 as well (as the reference).
+        return [ChatGLM2Tokenizer.build_prompt(r.prompt) for r in records]
+    if version == 3:
+        return [r.prompt for r in records]
+    raise GLMError(f"data_loader.version: expected 2 or 3, got {version!r} (version 1 is the GLM-1 format)")
+
+
+def _percentiles(lengths: np.ndarray) -> dict:
+    if lengths.size == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    p = np.percentile(lengths, [50, 90, 99])
+    return {"p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(lengths.max())}
+
+
+def _length_stats(src_len: np.ndarray, tgt_len: np.ndarray, max_src: int, max_tgt: int) -> dict:
+    """Counts over token lengths before truncation (`*_len` already include the 2 prefix tokens for source)."""
+    return {
+        "samples": int(src_len.size),
+        "truncated_source": int((src_len > max_src).sum()),
+        "truncated_target": int((tgt_len > max_tgt).sum()),
+        "source_tokens": _percentiles(src_len),
+        "target_tokens": _percentiles(tgt_len),
+    }
+
+
+def preprocess_train(tokenizer: GLMTokenizer, records: Sequence[Record], max_source_length: int,
+                     max_target_length: int, version: int = 2,
+                     ignore_pad_token_for_loss: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """KeyWordGen train samples: input_ids = a + b + [eos] + pad, labels pre-shifted (labels[t] = input_ids[t+1]).
+
+    a = [gMASK, sop, *prompt][:max_source], b = summary[:max_target]; both arrays are int32 [N, L] with
+    L = max_source + max_target + 1. Returns ({"input_ids", "labels"}, length stats).
+    """
+    if max_source_length < len(tokenizer.prefix) + 1 or max_target_length < 1:
+        raise GLMError(f"max_source_length must be >= {len(tokenizer.prefix) + 1} and max_target_length >= 1, "
+                       f"got {max_source_length} and {max_target_length}")
+    seq_len = max_source_length + max_target_length + 1
+    sources = tokenizer.sp.encode(_source_texts(tokenizer, records, version))
+    targets = tokenizer.sp.encode([r.answer for r in records])
+    n, prefix, eos = len(records), tokenizer.prefix, tokenizer.eos_id
+    input_ids = np.full((n, seq_len), tokenizer.pad_id, dtype=np.int32)
+    # Positions past the answer are padding: masked by position, so a real id equal to pad_id (0 = <unk>) in
+    # the answer still counts. Without ignore_pad_token_for_loss the reference trains on pad (0) labels.
+    labels = np.full((n, seq_len), IGNORE_INDEX if ignore_pad_token_for_loss else tokenizer.pad_id, dtype=np.int32)
+    src_len = np.empty(n, dtype=np.int64)
+    tgt_len = np.empty(n, dtype=np.int64)
+    room = max_source_length - len(prefix)
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        src_len[i], tgt_len[i] = len(s) + len(prefix), len(t)
+        a = prefix + s[:room]
+        b = t[:max_target_length] + [eos]  # eos survives truncation: it is added after cutting b
+        la, lb = len(a), len(b)
+        input_ids[i, :la] = a
+        input_ids[i, la:la + lb] = b
+        labels[i, :la - 1] = IGNORE_INDEX  # the prompt is never predicted, whatever the flag says
+        labels[i, la - 1:la - 1 + lb] = b
+    stats = _length_stats(src_len, tgt_len, max_source_length, max_target_length)
+    return {"input_ids": input_ids, "labels": labels}, stats
+
+
+def preprocess_eval(tokenizer: GLMTokenizer, records: Sequence[Record], max_source_length: int,
+                    max_target_length: int, version: int = 2) -> tuple[dict[str, np.ndarray], dict]:
+    """KeyWordGen eval samples: input_ids [N, max_source] (prompt, right-padded), labels [N, max_target].
+
+    Returns ({"input_ids", "labels", "index"}, length stats). `index` points into the records so the metric
+    can use the raw answer text.
+    """
+    if max_source_length < len(tokenizer.prefix) + 1 or max_target_length < 1:
+        raise GLMError(f"max_source_length must be >= {len(tokenizer.prefix) + 1} and max_target_length >= 1, "
+                       f"got {max_source_length} and {max_target_length}")
+    # Character truncation first (as the reference), then token truncation.
+    texts = _source_texts(tokenizer, records, version)
+    prompts = [p[:max_source_length - 1] for p in texts]
+    answers = [r.answer[:max_target_length - 1] for r in records]
+    sources = tokenizer.sp.encode(prompts)
+    full_src = [len(ids) for ids in tokenizer.sp.encode(texts)]
+    full_tgt = [len(ids) for ids in tokenizer.sp.encode([r.answer for r in records])]
+    # Deliberate deviation: the reference encodes the answer WITH the [gMASK] sop prefix; GLM3's decode then
+    # renders "[gMASK]sop" into the reference string and ROUGE/BLEU drop. Labels here are the answer only.
+    targets = tokenizer.sp.encode(answers)
+    n, prefix = len(records), tokenizer.prefix
+    input_ids = np.full((n, max_source_length), tokenizer.pad_id, dtype=np.int32)
+    labels = np.full((n, max_target_length), tokenizer.pad_id, dtype=np.int32)
+    src_len = np.empty(n, dtype=np.int64)
+    tgt_len = np.empty(n, dtype=np.int64)
+    room = max_source_length - len(prefix)
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        # Stats describe the untruncated text; a sample counts as truncated if either cut (chars, tokens) bit.
+        src_len[i], tgt_len[i] = full_src[i] + len(prefix), full_tgt[i]
+        a = prefix + s[:room]
+        b = t[:max_target_length]
+        input_ids[i, :len(a)] = a
+        labels[i, :len(b)] = b
+    stats = _length_stats(src_len, tgt_len, max_source_length, max_target_length)
+    stats["truncated_source"] = sum(len(p) < len(f) or len(s) > room
+                                    for p, f, s in zip(prompts, texts, sources))
+    stats["truncated_target"] = sum(len(a) < len(r.answer) or len(t) > max_target_length
+                                    for a, r, t in zip(answers, records, targets))
+    return {"input_ids": input_ids, "labels": labels, "index": np.arange(n, dtype=np.int32)}, stats
+
+
+def format_stats(stats: dict) -> str:
+    """A compact multi-line summary of `stats` for the console / output_dir."""
+    skipped = stats.get("skipped", {})
+    n_skip = sum(skipped.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "none"
+    s, t = stats["source_tokens"], stats["target_tokens"]
+    head = f"data {stats.get('file', '')} ({stats.get('phase', '')} v{stats.get('version', '')})".rstrip()
+    return "\n".join([
+        head,
+        f"  lines read {stats['lines_read']}, skipped {n_skip} ({reasons}), samples {stats['samples']}",
+        f"  truncated: source {stats['truncated_source']}, target {stats['truncated_target']} "
+        f"(max_source_length {stats.get('max_source_length')}, max_target_length {stats.get('max_target_length')})",
+        f"  source tokens p50/p90/p99/max {s['p50']}/{s['p90']}/{s['p99']}/{s['max']}; "
+        f"target tokens {t['p50']}/{t['p90']}/{t['p99']}/{t['max']}",
+    ])
+
+
+def load_adgen(path: str | Path, tokenizer: GLMTokenizer, *, phase: str, version: int, max_source_length: int,
+               max_target_length: int, origin_columns: Sequence[str] = ("content", "summary"),
+               ignore_pad_token_for_loss: bool = True) -> tuple[list[Record], dict[str, np.ndarray], dict]:
+    """Read and preprocess a whole file once: returns (records, numpy samples, stats)."""
+    if phase not in ("train", "eval"):
+        raise GLMError(f"data_loader.phase: expected 'train' or 'eval', got {phase!r}")
+    records, counts = read_jsonl(path, origin_columns)
+    if phase == "train":
+        samples, lstats = preprocess_train(tokenizer, records, max_source_length, max_target_length, version,
+                                           ignore_pad_token_for_loss)
+    else:
+        samples, lstats = preprocess_eval(tokenizer, records, max_source_length, max_target_length, version)
+    stats = {"file": str(path), "phase": phase, "version": version, **counts,
+             "max_source_length": max_source_length, "max_target_length": max_target_length, **lstats}
+    return records, samples, stats
+
+
+def __getattr__(name: str):
+    # `from glm.data import build_dataset` works without importing MindSpore for the numpy-only helpers.
+    if name in ("build_dataset", "AdgenDataset"):
+        from glm import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'glm.data' has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""The MindSpore input pipeline for ADGEN, built from a `train_dataset` / `eval_dataset` YAML block.
+
+Main path for the trainer: `build_dataset(...)` once, then `.dataset` (epoch given to build_dataset) or
+`.for_epoch(epoch, skip_batches)` for later epochs; preprocessing runs once and every epoch only indexes numpy
+arrays. `iter_batches` yields exactly the same batches without MindSpore (handy for tests and tools).
+
+Order is fully determined by (seed, epoch, num_shards, shard_id, skip_batches) so a resumed run sees the same
+batches: shuffling is an explicit permutation np.random.default_rng(seed + epoch) applied inside the source, and
+GeneratorDataset itself never shuffles. With num_shards, GeneratorDataset gives rank r the positions
+r, r + S, r + 2S, ... of that permutation, padded by wrapping around to ceil(N / S) samples per rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from glm import GLMError
+from glm.data import Record, format_stats, load_adgen
+from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
+from glm.tokenizer import GLMTokenizer, load_tokenizer
+
+ds = ms.dataset
+
+TRAIN_COLUMNS = ["input_ids", "labels"]
+EVAL_COLUMNS = ["input_ids", "labels", "index"]
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Sample order of one epoch: a seeded permutation, or 0..n-1."""
+    if shuffle:
+        return np.random.default_rng(seed + epoch).permutation(n)
+    return np.arange(n)
+
+
+def shard_positions(n: int, num_shards: int | None, shard_id: int | None) -> np.ndarray:
+    """Positions (into the epoch order) read by one rank, mirroring GeneratorDataset's DistributedSampler."""
+    if not num_shards:
+        return np.arange(n)
+    per_shard = -(-n // num_shards)
+    return (np.arange(per_shard) * num_shards + shard_id) % n
+
+
+class _Source:
+    """Random-access source: item i = sample order[i] of the preprocessed arrays."""
+
+    def __init__(self, arrays: list[np.ndarray], order: np.ndarray):
+        self.arrays = arrays
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
+        j = self.order[i]
+        return tuple(a[j] for a in self.arrays)
+
+
+@dataclass
+class AdgenDataset:
+    """Preprocessed ADGEN data plus the batched MindSpore dataset for one epoch (of one shard)."""
+
+    tokenizer: GLMTokenizer
+    records: list[Record]  # raw (prompt, answer) text, indexed by the eval "index" column
+    samples: dict[str, np.ndarray]  # int32 arrays over all samples, in file order
+    stats: dict
+    columns: list[str]  # ["input_ids", "labels"] for train, + "index" for eval
+    batch_size: int
+    shuffle: bool = False
+    seed: int = 0
+    drop_remainder: bool = True
+    num_shards: int | None = None
+    shard_id: int | None = None
+    num_parallel_workers: int = 1
+    python_multiprocessing: bool = False
+    repeat: int = 1
+    dataset: ds.Dataset | None = field(default=None, repr=False)
+    num_batches: int = 0  # per epoch, per shard
+
+    def _shard_size(self) -> int:
+        n = len(self.records)
+        return len(shard_positions(n, self.num_shards, self.shard_id))
+
+    def batches_per_epoch(self) -> int:
+        m = self._shard_size()
+        return m // self.batch_size if self.drop_remainder else -(-m // self.batch_size)
+
+    def _check_skip(self, skip_batches: int) -> None:
+        if not 0 <= skip_batches <= self.batches_per_epoch():
+            raise GLMError(f"skip_batches {skip_batches}: expected 0..{self.batches_per_epoch()} "
+                           f"(batches per epoch of this shard)")
+
+    def for_epoch(self, epoch: int = 0, skip_batches: int = 0) -> ds.Dataset:
+        """The batched MindSpore dataset of `epoch`, starting after its first `skip_batches` batches.
+
+        `repeat` > 1 (never used by the shipped configs) repeats the epoch; the skip applies to the first pass.
+        """
+        self._check_skip(skip_batches)
+        order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        source = _Source([self.samples[c] for c in self.columns], order)
+        data = ds.GeneratorDataset(source, column_names=self.columns, shuffle=False,
+                                   num_shards=self.num_shards, shard_id=self.shard_id,
+                                   num_parallel_workers=self.num_parallel_workers,
+                                   python_multiprocessing=self.python_multiprocessing)
+        if skip_batches:
+            data = data.skip(skip_batches * self.batch_size)  # skipping samples is cheaper than whole batches
+        data = data.batch(self.batch_size, drop_remainder=self.drop_remainder)
+        if self.repeat > 1:
+            data = data.repeat(self.repeat)
+        return data
+
+    def iter_batches(self, epoch: int = 0, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Pure-numpy twin of `for_epoch` (same batches, same order), without `repeat`."""
+        self._check_skip(skip_batches)
+        order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        idx = order[shard_positions(len(order), self.num_shards, self.shard_id)]
+        for b in range(skip_batches, self.batches_per_epoch()):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            yield {c: self.samples[c][sel] for c in self.columns}
+
+
+def _get(section: dict, key: str, where: str, typ: type | tuple, default=None, required: bool = False):
+    if key not in section or section[key] is None:
+        if required:
+            raise GLMError(f"{where}.{key}: missing (expected {_tname(typ)})")
+        return default
+    value = section[key]
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise GLMError(f"{where}.{key}: expected {_tname(typ)}, got {value!r}")
+    return value
+
+
+def _tname(typ: type | tuple) -> str:
+    return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+
+
+def build_dataset(section: dict, *, batch_size: int, seq_length: int | None = None, num_shards: int | None = None,
+                  shard_id: int | None = None, epoch: int = 0, skip_batches: int = 0,
+                  where: str = "train_dataset") -> AdgenDataset:
+    """Load, preprocess and batch the dataset described by a YAML block (`where` names it in errors).
+
+    `batch_size` overrides the block's own batch_size (as runner_config.batch_size does in the reference);
+    `seq_length` is the model's, checked against max_source_length + max_target_length + 1 in train phase.
+    Unknown keys (numa_enable, prefetch_size, type, ...) are accepted and ignored.
+    """
+    if not isinstance(section, dict):
+        raise GLMError(f"{where}: expected a mapping, got {type(section).__name__}")
+    loader = _get(section, "data_loader", where, dict, required=True)
+    lw = f"{where}.data_loader"
+    if loader.get("type", "ADGenDataLoader") != "ADGenDataLoader":
+        raise GLMError(f"{lw}.type: only 'ADGenDataLoader' is supported, got {loader['type']!r}")
+    path = _get(loader, "dataset_dir", lw, str, required=True)
+    phase = _get(loader, "phase", lw, str, "train")
+    version = _get(loader, "version", lw, int, 2)
+    if phase not in ("train", "eval"):
+        raise GLMError(f"{lw}.phase: expected 'train' or 'eval', got {phase!r}")
+    if version not in (2, 3):
+        raise GLMError(f"{lw}.version: expected 2 or 3, got {version!r} (version 1 is the GLM-1 format)")
+    columns = _get(loader, "origin_columns", lw, list, ["content", "summary"])
+    tok = _get(section, "tokenizer", where, dict, required=True)
+    tok_type = _get(tok, "type", f"{where}.tokenizer", str, required=True)
+    vocab_file = _get(tok, "vocab_file", f"{where}.tokenizer", str, required=True)
+    max_src = _get(section, "max_source_length", where, int, required=True)
+    max_tgt = _get(section, "max_target_length", where, int, required=True)
+    if phase == "train" and seq_length is not None and seq_length < max_src + max_tgt + 1:
+        raise GLMError(f"model seq_length {seq_length} is smaller than {where}.max_source_length + "
+                       f"max_target_length + 1 = {max_src} + {max_tgt} + 1 = {max_src + max_tgt + 1}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GLMError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if num_shards is not None and not (isinstance(shard_id, int) and 0 <= shard_id < num_shards):
+        raise GLMError(f"shard_id {shard_id!r}: expected 0 <= shard_id < num_shards={num_shards}")
+    workers = _get(section, "num_parallel_workers", where, int, 1)
+    repeat = _get(section, "repeat", where, int, 1)
+
+    tokenizer = load_tokenizer(tok_type, vocab_file)
+    records, samples, stats = load_adgen(
+        path, tokenizer, phase=phase, version=version, max_source_length=max_src, max_target_length=max_tgt,
+        origin_columns=columns, ignore_pad_token_for_loss=_get(section, "ignore_pad_token_for_loss", where, bool, True))
+    print(format_stats(stats), flush=True)
+
+    data = AdgenDataset(
+        tokenizer=tokenizer, records=records, samples=samples, stats=stats,
+        columns=TRAIN_COLUMNS if phase == "train" else EVAL_COLUMNS, batch_size=batch_size,
+        shuffle=_get(loader, "shuffle", lw, bool, False), seed=_get(section, "seed", where, int, 0),
+        drop_remainder=_get(section, "drop_remainder", where, bool, True),
+        num_shards=num_shards, shard_id=shard_id,
+        # Honour the YAML, but 8 workers on a 2-core box only add contention.
+        num_parallel_workers=max(1, min(workers, os.cpu_count() or 1)),
+        python_multiprocessing=_get(section, "python_multiprocessing", where, bool, False),
+        repeat=max(1, repeat))
+    data.num_batches = data.batches_per_epoch()
+    if data.num_batches == 0:
+        raise GLMError(f"{where}: {data._shard_size()} samples per shard make no full batch of {batch_size} "
+                       f"(drop_remainder is true); lower the batch size or add data")
+    data.dataset = data.for_epoch(epoch, skip_batches)
+    return data
