@@ -1,0 +1,183 @@
+"""Process and model set-up shared by every run mode: context, seeds, ranks, the model and its weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from glm import GLMError
+from glm.model.config import GLMConfig
+from glm.model.glm import GLMForCausalLM
+from glm.model.lora import apply_lora, lora_settings
+from glm.runtime import ms, setup_context
+
+RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+
+
+@dataclass
+class Process:
+    rank: int = 0
+    world: int = 1
+    device_target: str = "CPU"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process(cfg: dict) -> Process:
+    """Device, mode, seed and (with use_parallel) the communication group."""
+    ctx = cfg.get("context") or {}
+    target = ctx.get("device_target", "CPU")
+    available = ms.hal.is_available(target) if hasattr(ms, "hal") and target != "CPU" else True
+    if not available:
+        raise GLMError(f"context.device_target: {target} is not available on this machine "
+                       "(set context.device_target: CPU, or pass --device_target CPU)")
+    setup_context(target, int(ctx.get("mode", 0)), ctx.get("device_id"), ctx.get("max_device_memory"))
+    ms.set_seed(int(cfg.get("seed", 0) or 0))
+    proc = Process(device_target=target)
+    if cfg.get("use_parallel"):
+        from glm.parallel import init_distributed
+
+        proc.rank, proc.world = init_distributed(cfg.get("parallel") or {}, cfg.get("parallel_config") or {},
+                                                 target)
+    return proc
+
+
+def model_config(cfg: dict, **overrides) -> GLMConfig:
+    section = dict((cfg.get("model") or {}).get("model_config") or {})
+    section.update(overrides)
+    return GLMConfig.from_dict(section)
+
+
+def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]:
+    """The model (with LoRA adapters when `pet_config` asks for them) and its LoRA settings."""
+    mcfg = model_config(cfg, **overrides)
+    model = GLMForCausalLM(mcfg)
+    lora = lora_settings(mcfg.pet_config)
+    if lora:
+        apply_lora(model, lora)
+    return model, lora
+
+
+def checkpoint_paths(value) -> list[str]:
+    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
+    if value in (None, "", False):
+        return []
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(p).strip() for p in parts if str(p).strip()]
+
+
+def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
+                     run_mode: str) -> list[str]:
+    """Load base weights and/or a LoRA adapter into `model`; return the files used.
+
+    An adapter checkpoint written by this tool names the base weights it was trained on, so
+    `--load_checkpoint adapter.ckpt` alone is enough when that base file is still where it was.
+    """
+    from glm.checkpoint import load_state
+    from glm.weights import load_weights, load_weights_into
+
+    paths = checkpoint_paths(value)
+    if paths == [RANDOM_INIT]:
+        return []
+    if not paths:
+        if required:
+            raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
+                           f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
+        return []
+    used = []
+    for i, path in enumerate(paths):
+        if path == RANDOM_INIT:
+            continue
+        if not os.path.exists(path):
+            raise GLMError(f"load_checkpoint: {path} does not exist")
+        if path.endswith(".ckpt") and os.path.isfile(path):
+            params, meta = load_state(path)
+            if meta.get("kind") == "adapter":
+                _check_adapter(path, meta, lora)
+                if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
+                    used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
+                                             run_mode=run_mode)
+                state = {k: v.asnumpy() for k, v in params.items()}
+                load_weights_into(model, state, strict=False, where=path)
+                used.append(path)
+                continue
+        load_weights(model, path, strict=not (lora and i > 0))
+        used.append(path)
+    return used
+
+
+def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
+    saved = meta.get("lora") or {}
+    if lora is None:
+        raise GLMError(f"load_checkpoint {path}: this is a LoRA adapter (rank {saved.get('lora_rank')}) but the "
+                       "config has no model.model_config.pet_config; add the same pet_config, or merge it first "
+                       "with tools/merge_lora.py")
+    for key in ("lora_rank", "target_modules"):
+        if saved.get(key) != lora.get(key):
+            raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "
+                           f"model.model_config.pet_config.{key} is {lora.get(key)!r}")
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+
+
+def tokenizer_section(cfg: dict) -> dict:
+    """The tokenizer block to use outside training: processor.tokenizer if it names a vocab file,
+    else the eval dataset's, else the train dataset's."""
+    from glm.config import dataset_section
+
+    candidates = [((cfg.get("processor") or {}).get("tokenizer") or {}, "processor.tokenizer")]
+    for name in ("eval_dataset", "train_dataset"):
+        try:
+            candidates.append(((dataset_section(cfg, name) or {}).get("tokenizer") or {}, f"{name}.tokenizer"))
+        except GLMError:
+            continue
+    for section, where in candidates:
+        if section.get("vocab_file"):
+            return {**section, "_where": where}
+    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
+
+
+def build_tokenizer(cfg: dict):
+    from glm.tokenizer import load_tokenizer
+
+    section = tokenizer_section(cfg)
+    return load_tokenizer(section.get("type", "ChatGLM2Tokenizer"), section["vocab_file"])
+
+
+def generation_config(cfg: dict, tokenizer, **overrides):
+    """Generation settings from model.model_config (MindFormers keeps them there), eos from the tokenizer."""
+    from glm.generate import GenerationConfig
+
+    m = (cfg.get("model") or {}).get("model_config") or {}
+    eos = m.get("eos_token_id", 2)
+    eos_ids = sorted(set(tokenizer.stop_token_ids) | set(eos if isinstance(eos, (list, tuple)) else [eos]))
+    gen = GenerationConfig(max_length=int(m.get("max_decode_length") or m.get("seq_length") or 512),
+                           do_sample=bool(m.get("do_sample", False)), temperature=float(m.get("temperature", 1.0)),
+                           top_k=int(m.get("top_k", 0) or 0), top_p=float(m.get("top_p", 1.0)),
+                           repetition_penalty=float(m.get("repetition_penalty", 1.0)), eos_token_id=eos_ids,
+                           pad_token_id=int(m.get("pad_token_id", 0)), seed=int(cfg.get("seed", 0) or 0))
+    for k, v in overrides.items():
+        setattr(gen, k, v)
+    if gen.do_sample and gen.top_k == 1:
+        gen.do_sample = False   # the reference's eval YAMLs say do_sample True + top_k 1: that is greedy
+    return gen

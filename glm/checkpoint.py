@@ -1,0 +1,111 @@
+"""Training checkpoints: atomic save, rotation, discovery of the latest complete one, and resume state.
+
+Layout (as the reference): `<output_dir>/checkpoint/rank_<r>/<prefix>_rank_<r>-<epoch>_<step>.ckpt`.
+Each file carries the trainable weights, the optimizer moments, the loss-scale state and a JSON
+`glm_meta` string (global step, epoch, data position, seeds, LoRA settings, the resolved config).
+A file is written under a hidden temporary name with a CRC and renamed when complete, so a killed
+process never leaves a file that looks loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from glm import GLMError
+from glm.runtime import ms
+
+FORMAT = "glm-launcher/1"
+_NAME = re.compile(r"^(?P<prefix>.+)_rank_(?P<rank>\d+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+
+
+def rank_dir(output_dir: str | Path, rank: int, kind: str = "checkpoint") -> Path:
+    return Path(output_dir) / kind / f"rank_{rank}"
+
+
+def checkpoint_name(prefix: str, rank: int, epoch: int, step: int) -> str:
+    return f"{prefix}_rank_{rank}-{epoch}_{step}.ckpt"
+
+
+def save_atomic(items: list[dict], path: str | Path, meta: Optional[dict] = None) -> Path:
+    """Write `[{"name", "data"}]` (+ meta) to `path` via a hidden temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.ckpt")
+    append = {"glm_meta": json.dumps({"format": FORMAT, **(meta or {})}, default=str)}
+    try:
+        ms.save_checkpoint(items, str(tmp), append_dict=append, crc_check=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def params_to_items(params, skip_caches: bool = True) -> list[dict]:
+    return [{"name": p.name, "data": p} for p in params if not (skip_caches and p.name.endswith("_cache"))]
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first (by epoch, then step)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for f in d.iterdir():
+        m = _NAME.match(f.name)
+        if m and not f.name.startswith("."):
+            found.append((int(m["epoch"]), int(m["step"]), f))
+    return [f for _, _, f in sorted(found)]
+
+
+def prune(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; return the deleted paths."""
+    ckpts = list_checkpoints(directory)
+    doomed = ckpts[:-keep] if keep > 0 else []
+    for f in doomed:
+        f.unlink(missing_ok=True)
+    return doomed
+
+
+def load_state(path: str | Path) -> tuple[dict, dict]:
+    """(name -> Parameter, meta) of a checkpoint; a corrupt or foreign file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise GLMError(f"checkpoint {path}: file not found")
+    try:
+        params = ms.load_checkpoint(str(path), crc_check=True)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise GLMError(f"checkpoint {path}: cannot be read ({str(e).splitlines()[0]})") from None
+    meta_raw = params.pop("glm_meta", None)
+    meta = json.loads(meta_raw) if isinstance(meta_raw, str) else {}
+    return params, meta
+
+
+def resume_state(resume: str | bool, output_dir: str | Path, rank: int) -> Optional[tuple[Path, dict, dict]]:
+    """(path, params, meta) to resume from: a given file or folder, or the newest readable checkpoint
+    in this rank's folder (None when there is none).
+
+    A file that fails its CRC is skipped with a warning and the one before it is used.
+    """
+    if isinstance(resume, str) and resume not in ("", "True", "true", "latest"):
+        p = Path(resume)
+        if p.is_dir():
+            p = p / f"rank_{rank}" if (p / f"rank_{rank}").is_dir() else p
+            ckpts = list_checkpoints(p)
+            if not ckpts:
+                raise GLMError(f"--resume_training {resume}: no checkpoint in {p}")
+            p = ckpts[-1]
+        if not p.is_file():
+            raise GLMError(f"--resume_training {resume}: file not found")
+        return (p, *load_state(p))
+    for f in reversed(list_checkpoints(rank_dir(output_dir, rank))):
+        try:
+            return (f, *load_state(f))
+        except GLMError as e:
+            print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
+    return None

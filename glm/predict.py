@@ -1,0 +1,136 @@
+"""`--run_mode predict` (prompts from the command line or a file) and `--run_mode chat` (a terminal chat).
+
+Prompts go through the model family's template (GLM2's "[Round n]" prompt, GLM3's role tokens) unless
+`--raw_prompt` is given. Results are printed and written to `<output_dir>/predict_results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from glm import GLMError
+from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
+from glm.generate import Generator
+
+PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
+
+
+def read_prompts(items: list[str]) -> list[str]:
+    """One text, several texts, or one file (.jsonl/.json: one JSON object or string a line; else a line each)."""
+    if not items:
+        raise GLMError("--predict_data: give a prompt, several prompts, or a file of prompts")
+    if len(items) == 1 and Path(items[0]).is_file():
+        path = Path(items[0])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise GLMError(f"--predict_data {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        prompts = []
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.suffix in (".jsonl", ".json"):
+                prompts.append(_json_prompt(line, path, no))
+            else:
+                prompts.append(line)
+        if not prompts:
+            raise GLMError(f"--predict_data {path}: the file has no prompt")
+        return prompts
+    prompts = [p.replace("\\n", "\n") for p in items]   # the reference's convention for a literal "\n"
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise GLMError(f"--predict_data: prompt {i + 1} is empty")
+    return prompts
+
+
+def _json_prompt(line: str, path: Path, no: int) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GLMError(f"--predict_data {path}:{no}: invalid JSON ({e.msg})") from None
+    if isinstance(obj, str):
+        return obj
+    for key in PROMPT_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), str) and obj[key].strip():
+            return obj[key]
+    raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
+
+
+def _session(cfg: dict, rows: int, run_mode: str):
+    init_process(cfg)
+    tok = build_tokenizer(cfg)
+    model, lora = build_model(cfg, use_past=True, batch_size=rows)
+    if tok.vocab_size > model.config.padded_vocab_size:
+        raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
+                       f"{model.config.padded_vocab_size}")
+    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode)
+    return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
+
+
+def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
+    prompts = read_prompts(items)
+    rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
+    tok, generator, gen = _session(cfg, rows, "predict")
+    encoded = [tok.encode(p) if raw else tok.build_generation_input(p) for p in prompts]
+    outputs = generator.generate(encoded, gen)
+    results = [{"prompt": p, "response": tok.decode(o), "new_tokens": len(o)} for p, o in zip(prompts, outputs)]
+    for r in results:
+        print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
+    out = Path(cfg.get("output_dir") or "./output")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predict_results.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    tmp.replace(path)
+    print(f"results: {path}", file=sys.stderr)
+    return results
+
+
+class _Printer:
+    """Streams decoded text: decodes all new tokens so far and prints what was not printed yet
+    (a byte-fallback piece may be half a character until its next piece arrives)."""
+
+    def __init__(self, tok, out=sys.stdout):
+        self.tok, self.out, self.tokens, self.shown = tok, out, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tok.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+
+def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    tok, generator, gen = _session(cfg, 1, "chat")
+    history: list[tuple[str, str]] = []
+    stdout.write("chat: type a message; /reset clears the history, /exit quits\n")
+    while True:
+        stdout.write(">>> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        query = line.strip()
+        if not query:
+            continue
+        if query == "/reset":
+            history = []
+            stdout.write("(history cleared)\n")
+            continue
+        ids = tok.build_generation_input(query, history)
+        while len(ids) >= generator.cfg.seq_length and history:    # drop the oldest turns that no longer fit
+            history = history[1:]
+            ids = tok.build_generation_input(query, history)
+        printer = _Printer(tok, stdout)
+        try:
+            out = generator.generate([ids], gen, streamer=printer)[0]
+        except GLMError as e:
+            stdout.write(f"error: {e}\n")
+            continue
+        stdout.write("\n")
+        history.append((query, tok.decode(out)))

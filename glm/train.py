@@ -1,0 +1,246 @@
+"""`--run_mode train` / `finetune`: the training loop, written out top to bottom.
+
+    set-up -> data -> model (+LoRA) -> weights -> optimizer -> resume -> for each step:
+        fetch `gradient_accumulation_steps` micro-batches -> TrainStep.run -> log -> checkpoint
+
+Checkpoints carry everything needed to continue exactly (weights, AdamW moments, loss scale, step,
+epoch and position in the epoch); the data order is a pure function of (seed, epoch, rank), so a
+resumed run sees the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from glm import GLMError
+from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb, write_json_atomic
+from glm.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    params_to_items,
+    prune,
+    rank_dir,
+    resume_state,
+    save_atomic,
+)
+from glm.config import callback, dataset_section, save_resolved
+from glm.dataset import build_dataset
+from glm.model.glm import count_parameters
+from glm.optim import build_optimizer, build_schedule
+from glm.runtime import ms
+from glm.train_step import LossScale, TrainStep
+
+
+class Trainer:
+    def __init__(self, cfg: dict, run_mode: str, proc: Optional[Process] = None):
+        self.cfg, self.run_mode = cfg, run_mode
+        self.proc = proc or init_process(cfg)
+        self.out = Path(cfg.get("output_dir") or "./output")
+        runner = cfg.get("runner_config") or {}
+        self.epochs = int(runner.get("epochs", 1))
+        self.batch_size = int(runner.get("batch_size", 1))
+        self.accumulate = int(runner.get("gradient_accumulation_steps", 1) or 1)
+        self.max_steps = runner.get("max_steps")
+        self.log_interval = int(runner.get("log_interval", 10) or 10)
+        ckpt_cb = callback(cfg, "CheckpointMonitor") or {}
+        self.prefix = ckpt_cb.get("prefix", "glm")
+        self.save_steps = int(ckpt_cb.get("save_checkpoint_steps", 1000) or 0)
+        self.keep = int(ckpt_cb.get("keep_checkpoint_max", 1) or 1)
+
+        # Data: every rank preprocesses the file; sharding picks its rows.
+        shards = (self.proc.world, self.proc.rank) if self.proc.world > 1 else (None, None)
+        self.model, self.lora = build_model(cfg)
+        self.data = build_dataset(dataset_section(cfg, "train_dataset"), batch_size=self.batch_size,
+                                  seq_length=self.model.config.seq_length, num_shards=shards[0],
+                                  shard_id=shards[1])
+        self.steps_per_epoch = self.data.num_batches * self.data.repeat // self.accumulate
+        if self.steps_per_epoch == 0:
+            raise GLMError(f"runner_config.gradient_accumulation_steps {self.accumulate} is larger than the "
+                           f"{self.data.num_batches} batches of an epoch")
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.base_checkpoint = cfg.get("load_checkpoint") or ""
+        self.loaded = load_checkpoints(self.model, self.base_checkpoint, self.lora,
+                                       required=run_mode == "finetune", run_mode=run_mode)
+        self.model.set_train(True)
+        self.schedule = build_schedule(cfg.get("lr_schedule") or {}, self.total_steps)
+        params = self.model.trainable_params()
+        self.optimizer = build_optimizer(cfg.get("optimizer") or {}, params)
+        self.loss_scale = self._loss_scale()
+        wrapper = cfg.get("runner_wrapper") or {}
+        clip = float(wrapper.get("max_grad_norm", 1.0) or 1.0) if wrapper.get("use_clip_grad", True) else None
+        reducer = None
+        if self.proc.world > 1:
+            reducer = ms.nn.DistributedGradReducer(params, mean=True, degree=self.proc.world)
+        self.step_fn = TrainStep(self.model, self.optimizer, clip, self.loss_scale, self.accumulate, reducer)
+        self.global_step, self.start_epoch, self.skip = 0, 0, 0
+        self.last_checkpoint: Optional[Path] = None
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _loss_scale(self) -> Optional[LossScale]:
+        if self.model.config.compute_dtype != "float16":
+            return None   # fp32 (and bf16 on devices) needs no loss scaling
+        sense = (self.cfg.get("runner_wrapper") or {}).get("scale_sense") or {}
+        if not isinstance(sense, dict):
+            sense = {"loss_scale_value": float(sense)}
+        return LossScale(sense.get("loss_scale_value", 65536), sense.get("scale_factor", 2),
+                         sense.get("scale_window", 1000))
+
+    def _state_params(self) -> list:
+        params = list(self.optimizer.params) + list(self.optimizer.exp_avg) + list(self.optimizer.exp_avg_sq)
+        return params + (self.loss_scale.parameters() if self.loss_scale else [])
+
+    def resume(self, resume) -> None:
+        found = resume_state(resume, self.out / "checkpoint", self.proc.rank) if resume else None
+        if found is None:
+            if resume and resume not in (True, "True", "true", "latest"):
+                raise GLMError(f"--resume_training {resume}: nothing to resume from")
+            if resume:
+                print("resume: no checkpoint found; starting from step 0", file=sys.stderr)
+            return
+        path, params, meta = found
+        own = {p.name: p for p in self._state_params()}
+        missing = [n for n in own if n not in params]
+        if missing:
+            raise GLMError(f"--resume_training {path}: not a training checkpoint of this config "
+                           f"(missing {missing[0]} and {len(missing) - 1} more)")
+        for name, p in own.items():
+            if tuple(params[name].shape) != tuple(p.shape):
+                raise GLMError(f"--resume_training {path}: {name} has shape {tuple(params[name].shape)} "
+                               f"but the model expects {tuple(p.shape)}")
+            p.set_data(ms.Tensor(params[name].asnumpy().astype(ms.dtype_to_nptype(p.dtype))))
+        self.global_step = int(meta["global_step"])
+        self.start_epoch, self.skip = int(meta["epoch"]), int(meta["step_in_epoch"])
+        if self.skip >= self.steps_per_epoch:
+            self.start_epoch, self.skip = self.start_epoch + 1, 0
+        self.last_checkpoint = path
+        print(f"resumed from {path} at step {self.global_step} (epoch {self.start_epoch + 1}, "
+              f"step {self.skip} of the epoch)", flush=True)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        if self.proc.is_main:
+            save_resolved(self.cfg, self.out)
+            write_json_atomic(self.data.stats, self.out / "data_stats.json")
+        total, trainable = count_parameters(self.model), count_parameters(self.model, True)
+        stop_at = self.total_steps if self.max_steps in (None, -1) else min(int(self.max_steps), self.total_steps)
+        print(f"training: {total:,} parameters ({trainable:,} trainable), {self.steps_per_epoch} steps/epoch x "
+              f"{self.epochs} epochs, global batch {self.batch_size * self.accumulate * self.proc.world}, "
+              f"world {self.proc.world}", flush=True)
+        log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
+        log = open(self.out / log_name, "a", encoding="utf-8")   # noqa: SIM115 (closed in finally)
+        bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
+                   dynamic_ncols=True, desc=self.run_mode)
+        seq = self.model.config.seq_length
+        first_loss = last_loss = None
+        tokens_since, t_steady = 0, None
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                if self.global_step >= stop_at:
+                    break
+                skip = self.skip if epoch == self.start_epoch else 0
+                batches = self._batches(epoch, skip * self.accumulate)
+                for step_in_epoch in range(skip, self.steps_per_epoch):
+                    if self.global_step >= stop_at:
+                        break
+                    micro = [next(batches) for _ in range(self.accumulate)]
+                    weights = self._weights(micro)
+                    lr = self.schedule(self.global_step)
+                    t0 = time.perf_counter()
+                    loss, finite, norm = self.step_fn.run(micro, weights, lr, self.global_step + 1)
+                    dt = time.perf_counter() - t0
+                    self.global_step += 1
+                    self._check_finite(loss, finite)
+                    first_loss = loss if first_loss is None else first_loss
+                    last_loss = loss
+                    ntok = sum(ids.shape[0] * ids.shape[1] for ids, _ in micro)
+                    if self.global_step > 2:        # steps 1-2 include graph compilation
+                        tokens_since += ntok
+                        t_steady = (t_steady or 0.0) + dt
+                    rec = {"step": self.global_step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
+                           "grad_norm": round(norm, 6), "finite": finite, "step_time_s": round(dt, 5),
+                           "tokens_per_s": round(ntok / dt, 1)}
+                    if self.loss_scale:
+                        rec["loss_scale"] = float(self.loss_scale.scaler.scale_value.asnumpy())
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
+                    if bar.disable and self.proc.is_main and (self.global_step % self.log_interval == 0
+                                                              or self.global_step == 1):
+                        print(f"step {self.global_step}/{stop_at} epoch {epoch + 1} loss {loss:.4f} lr {lr:.3e} "
+                              f"grad_norm {norm:.3f} {ntok / dt:.0f} tok/s", flush=True)
+                    end_of_run = self.global_step >= stop_at
+                    if self.save_steps and (self.global_step % self.save_steps == 0 or end_of_run):
+                        self._save(epoch, step_in_epoch + 1, seq)
+        finally:
+            bar.close()
+            log.close()
+        summary = {"run_mode": self.run_mode, "steps": self.global_step, "first_loss": first_loss,
+                   "final_loss": last_loss, "steady_tokens_per_s": round(tokens_since / t_steady, 1) if t_steady else None,
+                   "peak_rss_mb": round(peak_rss_mb(), 1), "last_checkpoint": str(self.last_checkpoint or ""),
+                   "parameters": total, "trainable_parameters": trainable}
+        summary["weights"] = str(self._save_weights())
+        if self.proc.is_main:
+            write_json_atomic(summary, self.out / "train_summary.json")
+        print(f"done: {self.global_step} steps, loss {first_loss} -> {last_loss}; weights: {summary['weights']}",
+              flush=True)
+        return summary
+
+    def _batches(self, epoch: int, skip_batches: int):
+        it = self.data.for_epoch(epoch, skip_batches).create_tuple_iterator(num_epochs=1, output_numpy=True)
+        for ids, labels in it:
+            yield ids.astype(np.int32), labels.astype(np.int32)
+
+    def _weights(self, micro: list) -> list[float]:
+        counts = [float((labels != -100).sum()) for _, labels in micro]
+        local = sum(counts)
+        total = local
+        if self.proc.world > 1:
+            total = float(ms.ops.AllReduce()(ms.Tensor(np.array([local], np.float32))).asnumpy()[0])
+        if total == 0:
+            return [0.0 for _ in counts]
+        return [c * self.proc.world / total for c in counts]
+
+    def _check_finite(self, loss: float, finite: bool) -> None:
+        if math.isfinite(loss) and (finite or self.loss_scale):
+            return
+        last = self.last_checkpoint or "none saved yet"
+        raise GLMError(f"step {self.global_step}: loss is {loss} (non-finite); stopping. Last good checkpoint: "
+                       f"{last}. Lower optimizer/lr_schedule learning_rate or enable gradient clipping")
+
+    def _meta(self, kind: str, **extra) -> dict:
+        return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0),
+                "lora": self.lora, "base_checkpoint": self.base_checkpoint if self.lora else None,
+                "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
+
+    def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
+        directory = rank_dir(self.out, self.proc.rank)
+        path = directory / checkpoint_name(self.prefix, self.proc.rank, epoch + 1, step_in_epoch)
+        meta = self._meta("train_state", epoch=epoch, step_in_epoch=step_in_epoch, seq_length=seq)
+        self.last_checkpoint = save_atomic(params_to_items(self._state_params()), path, meta)
+        prune(directory, self.keep)
+
+    def _save_weights(self) -> Path:
+        """Weights-only file for eval/predict/merging: the whole model, or just the adapter for LoRA."""
+        kind = "adapter" if self.lora else "network"
+        path = rank_dir(self.out, self.proc.rank, "checkpoint_network") / \
+            f"{self.prefix}_rank_{self.proc.rank}-{kind}.ckpt"
+        params = self.model.trainable_params() if self.lora else self.model.get_parameters()
+        return save_atomic(params_to_items(params), path, self._meta(kind))
+
+
+def run_train(cfg: dict, run_mode: str, resume=None) -> dict:
+    trainer = Trainer(cfg, run_mode)
+    trainer.resume(resume if resume is not None else cfg.get("resume_training"))
+    return trainer.train()
+
+
+__all__ = ["Trainer", "run_train", "list_checkpoints"]

@@ -1,0 +1,113 @@
+"""One optimizer step as compiled graphs: forward, backward, gradient all-reduce, loss scaling, clipping
+and AdamW.
+
+Every micro-batch carries a weight w = n_tokens(micro-batch) * world_size / n_tokens(global batch), so
+the accumulated gradient is exactly the gradient of the token-mean loss over the whole global batch:
+accumulating 2 micro-batches of B equals one batch of 2B, and R data-parallel ranks equal one process
+with R times the batch (MindSpore's reducer averages over ranks, hence the world_size factor).
+
+Loss scaling uses the functional `DynamicLossScaler` + `all_finite`, which work on CPU as well as on
+Ascend/GPU (MindSpore's built-in loss-scale cells need NPU-only status ops).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from glm.optim import AdamW
+from glm.runtime import ms
+
+
+class LossScale:
+    """Dynamic loss scale state kept in Parameters so it is saved with the checkpoint."""
+
+    def __init__(self, init_scale: float, factor: float, window: int):
+        self.scaler = ms.amp.DynamicLossScaler(float(init_scale), int(factor), int(window))
+        self.scaler.scale_value.name = "loss_scale.value"
+        self.scaler.counter.name = "loss_scale.counter"
+
+    def parameters(self) -> list:
+        return [self.scaler.scale_value, self.scaler.counter]
+
+
+class TrainStep:
+    """`micro(ids, labels, weight)` accumulates; `apply(lr, step)` updates. With accumulation 1 the two
+    are fused into `fused(...)`, which avoids the gradient buffers and one graph call."""
+
+    def __init__(self, model: nn.Cell, optimizer: AdamW, max_grad_norm: Optional[float],
+                 loss_scale: Optional[LossScale], accumulate: int, reducer: Optional[nn.Cell] = None):
+        self.model, self.opt = model, optimizer
+        self.params = optimizer.params
+        self.clip = float(max_grad_norm) if max_grad_norm else 0.0
+        self.scaler = loss_scale.scaler if loss_scale is not None else None
+        self.reducer = reducer
+        self.accumulate = accumulate
+        if accumulate > 1:
+            self.buffers = ms.ParameterTuple([
+                Parameter(Tensor(np.zeros(p.shape, np.float32)), name="grad_acc." + p.name, requires_grad=False)
+                for p in self.params])
+        self._grad_fn = ms.value_and_grad(self._forward, None, self.params, has_aux=True)
+        self.fused = ms.jit(self._fused)
+        self.micro = ms.jit(self._micro)
+        self.apply = ms.jit(self._apply)
+
+    def _forward(self, ids, labels, weight):
+        loss = self.model(ids, labels)
+        scaled = loss * weight
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        return scaled, loss
+
+    def _update(self, grads, lr, step):
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        if self.scaler is not None:
+            grads = self.scaler.unscale(grads)
+        finite = ms.amp.all_finite(grads)
+        norm = ops.sqrt(sum(ops.square(g.astype(ms.float32)).sum() for g in grads))
+        if self.clip > 0:
+            factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
+            grads = tuple(g.astype(ms.float32) * factor for g in grads)
+        if finite:
+            self.opt(grads, lr, step)
+        if self.scaler is not None:
+            self.scaler.adjust(finite)
+        return finite, norm
+
+    def _fused(self, ids, labels, weight, lr, step):
+        (_, loss), grads = self._grad_fn(ids, labels, weight)
+        finite, norm = self._update(grads, lr, step)
+        return loss, finite, norm
+
+    def _micro(self, ids, labels, weight):
+        (_, loss), grads = self._grad_fn(ids, labels, weight)
+        for i in range(len(grads)):
+            ops.assign_add(self.buffers[i], grads[i].astype(ms.float32))
+        return loss
+
+    def _apply(self, lr, step):
+        grads = tuple(self.buffers[i] * 1.0 for i in range(len(self.buffers)))
+        finite, norm = self._update(grads, lr, step)
+        for i in range(len(self.buffers)):
+            ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i]))
+        return finite, norm
+
+    def run(self, batches: list[tuple[np.ndarray, np.ndarray]], weights: list[float], lr: float,
+            step: int) -> tuple[float, bool, float]:
+        """One optimizer step over `accumulate` micro-batches; returns (weighted loss, finite, grad norm)."""
+        lr_t, step_t = Tensor(lr, ms.float32), Tensor(float(step), ms.float32)
+        if self.accumulate == 1:
+            ids, labels = batches[0]
+            loss, finite, norm = self.fused(Tensor(ids), Tensor(labels), Tensor(weights[0], ms.float32),
+                                            lr_t, step_t)
+            losses = [float(loss.asnumpy())]
+        else:
+            losses = [float(self.micro(Tensor(ids), Tensor(labels), Tensor(w, ms.float32)).asnumpy())
+                      for (ids, labels), w in zip(batches, weights)]
+            finite, norm = self.apply(lr_t, step_t)
+        total_w = sum(weights)
+        loss = sum(w * lv for w, lv in zip(weights, losses)) / total_w if total_w else float("nan")
+        return loss, bool(finite.asnumpy()), float(norm.asnumpy())
