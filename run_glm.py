@@ -95,6 +95,11 @@ _FLAG_KEYS = {
 def _resolve(config_path: str, run_mode: str | None, flags: dict, overrides) -> tuple[dict, str]:
     from glm.config import apply_overrides, load_config
 
+    resume = flags.get("resume_training")
+    if resume and "=" in resume and not os.path.exists(resume):
+        # `--resume_training key=value`: the bare flag swallowed the first override.
+        overrides = (resume, *overrides)
+        flags = {**flags, "resume_training": "latest"}
     cfg = load_config(config_path)
     pairs = []
     for flag, key in _FLAG_KEYS.items():

@@ -98,7 +98,7 @@ class Trainer:
         return params + (self.loss_scale.parameters() if self.loss_scale else [])
 
     def resume(self, resume) -> None:
-        found = resume_state(resume, self.out / "checkpoint", self.proc.rank) if resume else None
+        found = resume_state(resume, self.out, self.proc.rank) if resume else None
         if found is None:
             if resume and resume not in (True, "True", "true", "latest"):
                 raise GLMError(f"--resume_training {resume}: nothing to resume from")

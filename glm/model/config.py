@@ -36,6 +36,7 @@ class GLMConfig:
     layernorm_compute_type: str = "float32"
     use_past: bool = False
     use_flash_attention: bool = False
+    is_dynamic: bool = False          # export: a dynamic prompt-length dimension in the prefill graph
     batch_size: int = 1
     eos_token_id: Any = 2
     pad_token_id: int = 0

@@ -79,9 +79,10 @@ def apply_lora(model: nn.Cell, settings: dict) -> list[str]:
         parent = _sub_cell(model, parent_name)
         lora = LoRALinear(cell, settings["lora_rank"], settings["lora_alpha"], settings["lora_dropout"])
         setattr(parent, attr, lora)
-        # Parameter names are assigned when a cell is attached; give the new ones their full path.
-        lora.lora_a.name = f"{name}.lora_a"
-        lora.lora_b.name = f"{name}.lora_b"
+        # Attaching a cell after construction renames its parameters relative to itself; restore
+        # the full paths so checkpoints (and graph compilation) see unique, unchanged names.
+        for p in lora.get_parameters(expand=False):
+            p.name = f"{name}.{p.name.rsplit('.', 1)[-1]}"
     return [n for n, _ in targets]
 
 
