@@ -23,12 +23,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from glm import GLMError
 from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints, write_json_atomic
 from glm.model.glm import GLMForCausalLM, _take_last
-from glm.model.layers import NEG_INF, apply_rope
 from glm.runtime import ms, resolve_dtype
 
 FULL_DIR, INC_DIR = "mindir_full_checkpoint", "mindir_inc_checkpoint"
@@ -37,44 +36,18 @@ FULL_DIR, INC_DIR = "mindir_full_checkpoint", "mindir_inc_checkpoint"
 class FunctionalStep(nn.Cell):
     """`CachedStep` with the cache passed in and returned instead of held in Parameters (prefill form).
 
-    It reuses the model's own cells (so LoRA adapters and parameter names are kept) and mirrors
-    `GLMBlock`/`SelfAttention` with `tensor_scatter_update` in place of the in-place `scatter_update`.
+    It runs the model's own cells (so LoRA adapters and parameter names are kept) through the explicit
+    cache path of `GLMForCausalLM.cached_hidden`.
     """
 
     def __init__(self, lm: GLMForCausalLM):
         super().__init__(auto_prefix=False)   # keep the model's parameter names in the graph
         self.lm = lm
-        self.layers = lm.transformer.encoder.layers
-        self.num_layers = lm.config.num_layers
-        self.max_len = lm.config.seq_length
 
     def _forward(self, input_ids: Tensor, positions: Tensor, kv_cache: Tensor) -> tuple:
-        lm, t = self.lm, self.max_len
-        b, s = input_ids.shape
-        allowed = lm.slots.reshape(1, 1, -1) <= positions.reshape(b, s, 1)          # [B, S, T]
-        mask = ops.select(allowed, ops.zeros_like(allowed, dtype=ms.float32),
-                          ops.full_like(allowed, NEG_INF, dtype=ms.float32)).reshape(b, 1, s, t)
-        cos = ops.gather(lm.rope_cos, positions, 0).reshape(b, 1, s, -1)
-        sin = ops.gather(lm.rope_sin, positions, 0).reshape(b, 1, s, -1)
-        slots = (ops.arange(b, dtype=ms.int32).reshape(b, 1) * t + positions).reshape(b, s, 1)
-        x = lm.transformer.embedding(input_ids)
-        kv, hd = kv_cache.shape[4], kv_cache.shape[5]
-        flat = kv_cache.reshape(self.num_layers, 2, b * t, kv, hd)
-        new = []
-        for i in range(self.num_layers):
-            layer = self.layers[i]
-            attn = layer.self_attention
-            q, k, v = attn._split_heads(attn.query_key_value(layer.input_layernorm(x)))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc = ops.tensor_scatter_update(flat[i, 0], slots, k.transpose(0, 2, 1, 3).astype(flat.dtype))
-            vc = ops.tensor_scatter_update(flat[i, 1], slots, v.transpose(0, 2, 1, 3).astype(flat.dtype))
-            new.append(ops.stack([kc, vc]))
-            kf = kc.reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
-            vf = vc.reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
-            x = x + attn.dense(attn._attend(q, kf, vf, mask)).astype(ms.float32)
-            x = x + layer.mlp(layer.post_attention_layernorm(x)).astype(ms.float32)
-        hidden = lm.transformer.encoder.final_layernorm(x)
-        return hidden, ops.stack(new).reshape(kv_cache.shape)
+        n, _, b, t, kv, hd = kv_cache.shape
+        hidden, cache = self.lm.cached_hidden(input_ids, positions, kv_cache.reshape(n, 2, b * t, kv, hd))
+        return hidden, cache.reshape(kv_cache.shape)
 
     def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor, kv_cache: Tensor) -> tuple:
         hidden, cache = self._forward(input_ids, positions, kv_cache)

@@ -36,10 +36,18 @@ class Encoder(nn.Cell):
                                    for _ in range(cfg.num_layers)])
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, ms.float32, norm_dtype)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_index)
-        return self.final_layernorm(x)
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
+        """`past`, when given, is an explicit cache [layers, 2, B*max_len, kv, hd]; the updated one is
+        returned next to the hidden states (exported graphs cannot share cache Parameters)."""
+        if past is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache_index)
+            return self.final_layernorm(x)
+        new = []
+        for i in range(len(self.layers)):
+            x, (keys, values) = self.layers[i](x, cos, sin, mask, cache_index, (past[i, 0], past[i, 1]))
+            new.append(ops.stack([keys, values]))
+        return self.final_layernorm(x), ops.stack(new)
 
 
 class Transformer(nn.Cell):
@@ -87,8 +95,9 @@ class GLMForCausalLM(nn.Cell):
             return logits
         return token_cross_entropy(logits, labels)
 
-    def cached_hidden(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """Forward over new tokens at `positions` [B, S], reading and writing the KV cache."""
+    def cached_hidden(self, input_ids: Tensor, positions: Tensor, past=None):
+        """Forward over new tokens at `positions` [B, S], reading and writing the KV cache
+        (the model's own, or an explicit `past`, see `Encoder.construct`)."""
         b, s = input_ids.shape
         allowed = self.slots.reshape(1, 1, -1) <= positions.reshape(b, s, 1)          # [B, S, max_len]
         mask = ops.select(allowed, ops.zeros_like(allowed, dtype=ms.float32),
@@ -96,7 +105,7 @@ class GLMForCausalLM(nn.Cell):
         cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, s, -1)
         sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, s, -1)
         row = ops.arange(b, dtype=ms.int32).reshape(b, 1) * self.max_len
-        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask, row + positions)
+        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask, row + positions, past)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -131,17 +131,31 @@ class SelfAttention(nn.Cell):
         ctx = ops.BatchMatMul()(probs.reshape(b, self.kv, self.group * s, t), v)
         return ctx.reshape(b, self.nh, s, self.hd).transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None) -> Tensor:
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
+        """Without `cache_index`: plain causal attention. With it ([B, S] flat slots b*max_len + position of
+        each new token): write K/V into the cache and attend over all of it. The cache is this layer's
+        Parameters, or - when `past` = (keys, values) tensors is given, as in exported graphs - those
+        tensors, returned updated as `(out, (keys, values))`."""
         q, k, v = self._split_heads(self.query_key_value(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_past = None
         if cache_index is not None:
-            # cache_index [B, S]: flat slots b*max_len + position for every new token.
-            b = x.shape[0]
-            ops.scatter_update(self.key_cache, cache_index, k.transpose(0, 2, 1, 3).astype(self.compute_dtype))
-            ops.scatter_update(self.value_cache, cache_index, v.transpose(0, 2, 1, 3).astype(self.compute_dtype))
-            k = self.key_cache.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
-            v = self.value_cache.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
-        return self.dense(self._attend(q, k, v, mask))
+            b, s = x.shape[0], x.shape[1]
+            k_new = k.transpose(0, 2, 1, 3).astype(self.compute_dtype)
+            v_new = v.transpose(0, 2, 1, 3).astype(self.compute_dtype)
+            if past is None:
+                ops.scatter_update(self.key_cache, cache_index, k_new)
+                ops.scatter_update(self.value_cache, cache_index, v_new)
+                keys, values = self.key_cache, self.value_cache
+            else:
+                slots = cache_index.reshape(b, s, 1)
+                keys = ops.tensor_scatter_update(past[0], slots, k_new)
+                values = ops.tensor_scatter_update(past[1], slots, v_new)
+                new_past = (keys, values)
+            k = keys.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
+            v = values.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
+        out = self.dense(self._attend(q, k, v, mask))
+        return out if past is None else (out, new_past)
 
 
 class MLP(nn.Cell):
@@ -172,12 +186,17 @@ class GLMBlock(nn.Cell):
         self.mlp = MLP(cfg, param_dtype, compute_dtype)
         self.dropout = nn.Dropout(p=cfg.hidden_dropout) if cfg.hidden_dropout > 0 else None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None) -> Tensor:
-        a = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache_index).astype(ms.float32)
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
+        h = self.input_layernorm(x)
+        if past is None:
+            a = self.self_attention(h, cos, sin, mask, cache_index)
+        else:
+            a, past = self.self_attention(h, cos, sin, mask, cache_index, past)
+        a = a.astype(ms.float32)
         if self.dropout is not None:
             a = self.dropout(a)
         x = x + a
         m = self.mlp(self.post_attention_layernorm(x)).astype(ms.float32)
         if self.dropout is not None:
             m = self.dropout(m)
-        return x + m
+        return x + m if past is None else (x + m, past)
