@@ -155,6 +155,8 @@ class Trainer:
                     lr = self.schedule(self.global_step)
                     t0 = time.perf_counter()
                     loss, finite, norm = self.step_fn.run(micro, weights, lr, self.global_step + 1)
+                    if self.proc.world > 1:   # log the global batch's loss, not this rank's share
+                        loss = self._all_sum(loss * sum(weights)) / self.proc.world
                     dt = time.perf_counter() - t0
                     self.global_step += 1
                     self._check_finite(loss, finite)
@@ -201,13 +203,14 @@ class Trainer:
 
     def _weights(self, micro: list) -> list[float]:
         counts = [float((labels != -100).sum()) for _, labels in micro]
-        local = sum(counts)
-        total = local
-        if self.proc.world > 1:
-            total = float(ms.ops.AllReduce()(ms.Tensor(np.array([local], np.float32))).asnumpy()[0])
+        total = self._all_sum(sum(counts)) if self.proc.world > 1 else sum(counts)
         if total == 0:
             return [0.0 for _ in counts]
         return [c * self.proc.world / total for c in counts]
+
+    @staticmethod
+    def _all_sum(value: float) -> float:
+        return float(ms.ops.AllReduce()(ms.Tensor(np.array([value], np.float32))).asnumpy()[0])
 
     def _check_finite(self, loss: float, finite: bool) -> None:
         if math.isfinite(loss) and (finite or self.loss_scale):

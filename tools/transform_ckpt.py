@@ -1,0 +1,178 @@
+"""Merge or re-slice distributed checkpoints.
+
+    python tools/transform_ckpt.py --src_ckpt_strategy output/strategy/ --src_ckpt_dir output/checkpoint/ \
+        --dst_ckpt_dir output/merged/ --prefix glm2_6b_
+
+Input is SRC_CKPT_DIR/rank_K/*.ckpt (the last one in natural order, e.g. glm-3_16.ckpt over glm-3_8.ckpt),
+output is DST_CKPT_DIR/rank_K/{prefix}K.ckpt.
+
+* With a source strategy (a file, or a directory of per-stage strategy files that is merged first with
+  ms.merge_pipeline_strategys), ms.transform_checkpoints re-slices the shards for the destination strategy,
+  or merges them into one complete checkpoint when --dst_ckpt_strategy is empty/None.
+* Without one (data-parallel runs save no strategy), every rank already holds the complete model: the
+  ranks are checked to have the same parameter names and shapes (and, with --check_values, the same
+  values), and rank 0's checkpoint is written as DST_CKPT_DIR/rank_0/{prefix}0.ckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from glm import GLMError  # noqa: E402
+
+MERGED_STRATEGY = "merged_ckpt_strategy.ckpt"
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_rank_checkpoints(src_dir: str) -> dict[int, str]:
+    """{rank: checkpoint file} for src_dir/rank_K/*.ckpt; GLMError on a missing or malformed layout."""
+    if not os.path.isdir(src_dir):
+        raise GLMError(f"--src_ckpt_dir {src_dir}: no such directory")
+    ranks = {int(d[5:]): os.path.join(src_dir, d) for d in os.listdir(src_dir)
+             if re.fullmatch(r"rank_\d+", d) and os.path.isdir(os.path.join(src_dir, d))}
+    if not ranks:
+        raise GLMError(f"--src_ckpt_dir {src_dir}: no rank_* subdirectories (expected rank_0/, rank_1/, ...)")
+    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    if missing:
+        raise GLMError(f"--src_ckpt_dir {src_dir}: rank directories missing: "
+                       f"{', '.join(f'rank_{r}' for r in missing)}")
+    found = {}
+    for rank, folder in sorted(ranks.items()):
+        ckpts = sorted((f for f in os.listdir(folder) if f.endswith(".ckpt")), key=_natural_key)
+        if not ckpts:
+            raise GLMError(f"{folder}: no .ckpt file")
+        found[rank] = os.path.join(folder, ckpts[-1])
+    return found
+
+
+def resolve_strategy(value: str | None, what: str) -> str | None:
+    """None for ''/'None'; a directory is merged into DIR/merged_ckpt_strategy.ckpt first."""
+    if value is None or value.strip() in ("", "None", "none"):
+        return None
+    if os.path.isdir(value):
+        import mindspore as ms
+
+        merged = os.path.join(value, MERGED_STRATEGY)
+        ms.merge_pipeline_strategys(value, merged)
+        return merged
+    if not os.path.isfile(value):
+        raise GLMError(f"{what} {value}: no such file or directory")
+    return value
+
+
+def _signature(params: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in params.items()}
+
+
+def _describe_mismatch(ref: dict[str, Any], other: dict[str, Any], rank: int) -> str:
+    only_ref = sorted(set(ref) - set(other))
+    only_other = sorted(set(other) - set(ref))
+    if only_ref or only_other:
+        parts = []
+        if only_ref:
+            parts.append(f"missing {only_ref[:3]}{' ...' if len(only_ref) > 3 else ''}")
+        if only_other:
+            parts.append(f"extra {only_other[:3]}{' ...' if len(only_other) > 3 else ''}")
+        return f"rank {rank} has a different parameter set than rank 0 ({'; '.join(parts)})"
+    name = next(k for k in sorted(ref) if ref[k] != other[k])
+    return f"rank {rank}: parameter {name} is {other[name]}, rank 0 has {ref[name]}"
+
+
+def merge_data_parallel(src_dir: str, dst_dir: str, prefix: str, check_values: bool = False) -> str:
+    """Check that all ranks hold the same full model and write rank 0's copy; return the output path."""
+    import mindspore as ms
+
+    files = find_rank_checkpoints(src_dir)
+    ref_params = ms.load_checkpoint(files[0])
+    ref = _signature(ref_params)
+    ref_np = {k: v.asnumpy() for k, v in ref_params.items()} if check_values else {}
+    del ref_params
+    for rank, path in files.items():
+        if rank == 0:
+            continue
+        params = ms.load_checkpoint(path)
+        if _signature(params) != ref:
+            raise GLMError(f"{path}: {_describe_mismatch(ref, _signature(params), rank)}; "
+                           "these are not copies of one data-parallel model (pass --src_ckpt_strategy "
+                           "for sharded checkpoints)")
+        if check_values:
+            diffs = [(abs(v.asnumpy().astype("float64") - ref_np[k].astype("float64")).max(), k)
+                     for k, v in params.items() if v.size]
+            worst = max(diffs, default=(0.0, ""))
+            if worst[0] > 0:
+                print(f"warning: rank {rank} differs from rank 0: max |diff| {worst[0]:.3g} "
+                      f"(parameter {worst[1]}); writing rank 0's values", file=sys.stderr)
+        del params
+    out_dir = os.path.join(dst_dir, "rank_0")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"{prefix}0.ckpt")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=out_dir)
+    os.close(fd)
+    try:
+        shutil.copyfile(files[0], tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    print(f"{len(files)} data-parallel rank(s) hold the same {len(ref)} parameters; "
+          f"wrote {out} (from {files[0]})")
+    return out
+
+
+def transform(src_strategy: str | None, dst_strategy: str | None, src_dir: str, dst_dir: str,
+              prefix: str, check_values: bool = False) -> None:
+    """The command: DP merge without a source strategy, ms.transform_checkpoints otherwise."""
+    if not dst_dir:
+        raise GLMError("--dst_ckpt_dir is required")
+    src = resolve_strategy(src_strategy, "--src_ckpt_strategy")
+    dst = resolve_strategy(dst_strategy, "--dst_ckpt_strategy")
+    if src is None:
+        if dst is not None:
+            raise GLMError("slicing a complete checkpoint needs --src_ckpt_strategy too; "
+                           "load it with the destination strategy instead (auto_trans_ckpt)")
+        merge_data_parallel(src_dir, dst_dir, prefix, check_values)
+        return
+    find_rank_checkpoints(src_dir)  # clear errors before MindSpore's
+    import mindspore as ms
+
+    os.makedirs(dst_dir, exist_ok=True)
+    ms.transform_checkpoints(src_dir, dst_dir, prefix, src, dst)
+    print(f"transformed checkpoints written to {dst_dir}/rank_*/{prefix}*.ckpt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src_ckpt_strategy", default=None, help="strategy file or directory of the source; "
+                   "empty/None for data-parallel or complete checkpoints")
+    p.add_argument("--dst_ckpt_strategy", default=None, help="strategy file or directory of the "
+                   "destination; empty/None for one complete checkpoint")
+    p.add_argument("--src_ckpt_dir", required=True, help="directory holding rank_0/, rank_1/, ...")
+    p.add_argument("--dst_ckpt_dir", required=True, help="output directory")
+    p.add_argument("--prefix", default="checkpoint_", help="output file prefix (default checkpoint_)")
+    p.add_argument("--check_values", action="store_true",
+                   help="data parallel: also compare the values of every rank with rank 0")
+    args = p.parse_args(argv)
+    os.environ.setdefault("GLOG_v", "3")
+    try:
+        transform(args.src_ckpt_strategy, args.dst_ckpt_strategy, args.src_ckpt_dir, args.dst_ckpt_dir,
+                  args.prefix, args.check_values)
+    except GLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
