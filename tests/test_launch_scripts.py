@@ -280,22 +280,3 @@ def test_msrun_multi_node_dry_run(job) -> None:
     assert r.returncode == 0, r.stderr
     assert "--worker_num=4 --local_worker_num=2 --master_addr=10.0.0.1" in r.stdout
     assert "--node_rank=1" in r.stdout and "rank 3 (device 1): RANK_ID=3 DEVICE_ID=1" in r.stdout
-
-
-@pytest.mark.slow
-def test_msrun_real_mindspore_data_parallel(job) -> None:
-    """Two real MindSpore workers (backend mccl) through the launcher: init_distributed + AllReduce."""
-    probe = job.cwd / f"{job.marker}_dp.py"
-    shutil.copy(FAKE.parent / "dp_probe.py", probe)
-    probe.write_text(probe.read_text().replace(
-        "os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))", repr(str(REPO))))
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", timeout=170, GLM_ENTRY=str(probe),
-                CLUSTER_TIME_OUT="60")
-    assert r.returncode == 0, r.stderr
-    for rank in (0, 1):
-        line = next(x for x in job.log(rank).splitlines() if x.startswith("DP_PROBE "))
-        got = json.loads(line[len("DP_PROBE "):])
-        assert (got["rank"], got["world"], got["env_rank"]) == (rank, 2, str(rank))
-        assert got["allreduce"] == [3.0]
-        assert got["parallel_mode"] == "data_parallel" and got["gradients_mean"] is True
-    assert not pids_matching(job.marker)

@@ -72,7 +72,8 @@ def resolve_strategy(value: str | None, what: str) -> str | None:
 
 
 def _signature(params: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {k: (tuple(v.shape), str(v.dtype)) for k, v in params.items()}
+    # Checkpoints may carry string entries (glm-launcher's JSON metadata): only tensors are compared.
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in params.items() if hasattr(v, "shape")}
 
 
 def _describe_mismatch(ref: dict[str, Any], other: dict[str, Any], rank: int) -> str:
@@ -96,7 +97,7 @@ def merge_data_parallel(src_dir: str, dst_dir: str, prefix: str, check_values: b
     files = find_rank_checkpoints(src_dir)
     ref_params = ms.load_checkpoint(files[0])
     ref = _signature(ref_params)
-    ref_np = {k: v.asnumpy() for k, v in ref_params.items()} if check_values else {}
+    ref_np = {k: v.asnumpy() for k, v in ref_params.items() if hasattr(v, "shape")} if check_values else {}
     del ref_params
     for rank, path in files.items():
         if rank == 0:
@@ -108,7 +109,7 @@ def merge_data_parallel(src_dir: str, dst_dir: str, prefix: str, check_values: b
                            "for sharded checkpoints)")
         if check_values:
             diffs = [(abs(v.asnumpy().astype("float64") - ref_np[k].astype("float64")).max(), k)
-                     for k, v in params.items() if v.size]
+                     for k, v in params.items() if hasattr(v, "shape") and v.size]
             worst = max(diffs, default=(0.0, ""))
             if worst[0] > 0:
                 print(f"warning: rank {rank} differs from rank 0: max |diff| {worst[0]:.3g} "

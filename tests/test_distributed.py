@@ -1,0 +1,127 @@
+"""Real data-parallel training on CPU: scripts/run_distribute.sh (msrun form) with 2 ranks of the tiny
+finetune, compared with one process at twice the batch; a killed rank; merging per-rank checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_utils import REPO, TINY2, max_diff, read_ckpt, run_glm
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("setsid") is None or shutil.which("pgrep") is None,
+                                 reason="needs setsid and pgrep (util-linux, procps)")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(tmp: Path, out: Path, **runner) -> Path:
+    """The tiny config with an absolute output_dir and its data paths made absolute."""
+    from glm.config import load_config
+
+    cfg = load_config(REPO / TINY2)
+    cfg["output_dir"] = str(out)
+    cfg["runner_config"].update(runner)
+    for name in ("train_dataset", "eval_dataset"):
+        cfg[name]["data_loader"]["dataset_dir"] = str(REPO / cfg[name]["data_loader"]["dataset_dir"])
+        cfg[name]["tokenizer"]["vocab_file"] = str(REPO / cfg[name]["tokenizer"]["vocab_file"])
+    for key in ("train_dataset_task", "eval_dataset_task"):
+        cfg.pop(key, None)
+    path = tmp / f"cfg_{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def launch(cfg: Path, cwd: Path, timeout: int = 240, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "CLUSTER_TIME_OUT": "60",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **env}
+    return subprocess.run(["bash", str(REPO / "scripts/run_distribute.sh"), "none", str(cfg), "[0,2]", "finetune"],
+                          cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def net(out: Path, rank: int) -> dict:
+    return read_ckpt(out / "checkpoint_network" / f"rank_{rank}" / f"glm2-tiny_rank_{rank}-network.ckpt")
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    dp = tmp_path / "dp"
+    r = launch(make_config(tmp_path, dp, batch_size=2, max_steps=3), tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for rank in (0, 1):
+        log = (dp / "log" / f"rank_{rank}" / "glm.log").read_text()
+        assert "world 2" in log and "done: 3 steps" in log
+    assert max_diff(net(dp, 0), net(dp, 1)) == 0.0
+    single = tmp_path / "single"
+    run_glm("--config", TINY2, "--run_mode", "finetune", "--output_dir", str(single), "--batch_size", "4",
+            "--max_steps", "3")
+    assert max_diff(net(dp, 0), net(single, 0)) <= 1e-6
+    # The logged loss is the global batch's, so it matches the single process too.
+    dp_loss = [line for line in (dp / "metrics.jsonl").read_text().splitlines()]
+    one_loss = [line for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [yaml.safe_load(a)["loss"] for a in dp_loss] == pytest.approx(
+        [yaml.safe_load(b)["loss"] for b in one_loss], abs=1e-5)
+
+    # Per-rank checkpoints merge into one file that loads into a single-process model.
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, str(REPO / "tools/transform_ckpt.py"), "--src_ckpt_dir",
+                    str(dp / "checkpoint_network"), "--dst_ckpt_dir", str(merged), "--prefix", "glm2_tiny"],
+                   check=True, cwd=REPO, capture_output=True, text=True)
+    files = list(merged.rglob("*.ckpt"))
+    assert len(files) == 1
+    ev = run_glm("--config", TINY2, "--run_mode", "predict", "--load_checkpoint", str(files[0]),
+                 "--output_dir", str(tmp_path / "pred"), "--predict_data", "类型#裙*颜色#红色",
+                 "model.model_config.max_decode_length=70")
+    assert "类型#裙" in ev.stdout
+
+
+def test_a_killed_rank_stops_the_job_within_60s(tmp_path):
+    out = tmp_path / "killed"
+    cfg = make_config(tmp_path, out, batch_size=2, epochs=50)   # long enough to be killed mid-run
+    full = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "CLUSTER_TIME_OUT": "60",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    p = subprocess.Popen(["bash", str(REPO / "scripts/run_distribute.sh"), "none", str(cfg), "[0,2]", "finetune"],
+                         cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log" / "rank_1" / "glm.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "step 10/" in log.read_text(errors="replace")):
+        time.sleep(0.5)
+    victims = [pid for pid in _pids(str(cfg)) if _env(pid).get("RANK_ID") == "1" and _env(pid).get("MS_ROLE") !=
+               "MS_SCHED"]
+    assert victims, "rank 1 worker not found"
+    killed_at = time.time()
+    os.kill(victims[0], signal.SIGKILL)
+    try:
+        _, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode != 0
+    assert time.time() - killed_at < 60
+    assert "rank_1" in err or "worker_1" in err
+    time.sleep(1)
+    assert not _pids(str(cfg)), "processes left behind"
+
+
+def _pids(marker: str) -> list[int]:
+    r = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
+def _env(pid: int) -> dict:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
