@@ -141,6 +141,7 @@ class Trainer:
         seq = self.model.config.seq_length
         first_loss = last_loss = None
         tokens_since, t_steady = 0, None
+        t_prev = time.perf_counter()   # step times are wall clock: data, step, logging and saving
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 if self.global_step >= stop_at:
@@ -153,11 +154,10 @@ class Trainer:
                     micro = [next(batches) for _ in range(self.accumulate)]
                     weights = self._weights(micro)
                     lr = self.schedule(self.global_step)
-                    t0 = time.perf_counter()
                     loss, finite, norm = self.step_fn.run(micro, weights, lr, self.global_step + 1)
                     if self.proc.world > 1:   # log the global batch's loss, not this rank's share
                         loss = self._all_sum(loss * sum(weights)) / self.proc.world
-                    dt = time.perf_counter() - t0
+                    dt, t_prev = time.perf_counter() - t_prev, time.perf_counter()
                     self.global_step += 1
                     self._check_finite(loss, finite)
                     first_loss = loss if first_loss is None else first_loss
