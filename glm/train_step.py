@@ -80,7 +80,8 @@ class TrainStep:
     def _fused(self, ids, labels, weight, lr, step):
         (_, loss), grads = self._grad_fn(ids, labels, weight)
         finite, norm = self._update(grads, lr, step)
-        return loss, finite, norm
+        # One tensor, so the host waits for the device once per step.
+        return ops.stack([loss.astype(ms.float32), finite.astype(ms.float32), norm])
 
     def _micro(self, ids, labels, weight):
         (_, loss), grads = self._grad_fn(ids, labels, weight)
@@ -93,7 +94,7 @@ class TrainStep:
         finite, norm = self._update(grads, lr, step)
         for i in range(len(self.buffers)):
             ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i]))
-        return finite, norm
+        return ops.stack([finite.astype(ms.float32), norm])
 
     def run(self, batches: list[tuple[np.ndarray, np.ndarray]], weights: list[float], lr: float,
             step: int) -> tuple[float, bool, float]:
@@ -102,12 +103,13 @@ class TrainStep:
         if self.accumulate == 1:
             ids, labels = batches[0]
             loss, finite, norm = self.fused(Tensor(ids), Tensor(labels), Tensor(weights[0], ms.float32),
-                                            lr_t, step_t)
-            losses = [float(loss.asnumpy())]
+                                            lr_t, step_t).asnumpy().tolist()
+            losses = [loss]
         else:
-            losses = [float(self.micro(Tensor(ids), Tensor(labels), Tensor(w, ms.float32)).asnumpy())
-                      for (ids, labels), w in zip(batches, weights)]
-            finite, norm = self.apply(lr_t, step_t)
+            pending = [self.micro(Tensor(ids), Tensor(labels), Tensor(w, ms.float32))
+                       for (ids, labels), w in zip(batches, weights)]
+            finite, norm = self.apply(lr_t, step_t).asnumpy().tolist()
+            losses = [float(x.asnumpy()) for x in pending]
         total_w = sum(weights)
         loss = sum(w * lv for w, lv in zip(weights, losses)) / total_w if total_w else float("nan")
-        return loss, bool(finite.asnumpy()), float(norm.asnumpy())
+        return loss, finite > 0, norm
