@@ -23,7 +23,23 @@ def _bool(value: str | None) -> bool | None:
     return None if value is None else value.lower() in ("true", "1")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """Usage errors (bad flag value, unknown --run_mode, missing --config) as one `error: ...` line, exit 2,
+    like every other bad input, instead of click's multi-line usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:   # UsageError and friends
+            msg = " ".join(e.format_message().split())
+            click.echo(f"error: {msg} (see --help)", err=True)
+            sys.exit(e.exit_code or 2)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", required=True, help="YAML config (MindFormers layout).")
 @click.option("--run_mode", type=click.Choice(RUN_MODES), default=None,
               help="What to do; defaults to the config's run_mode.")

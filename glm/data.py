@@ -172,16 +172,14 @@ def preprocess_eval(tokenizer: GLMTokenizer, records: Sequence[Record], max_sour
     if max_source_length < len(tokenizer.prefix) + 1 or max_target_length < 1:
         raise GLMError(f"max_source_length must be >= {len(tokenizer.prefix) + 1} and max_target_length >= 1, "
                        f"got {max_source_length} and {max_target_length}")
-    # Character truncation first (as the reference), then token truncation.
+    # Deliberate deviation: the reference first cuts the templated prompt to max_source_length - 1
+    # *characters*, which drops the "答：" cue of prompts that fit in max_source_length tokens; here the
+    # prompt is truncated by tokens exactly as in training, so the model sees the prompts it learned from.
     texts = _source_texts(tokenizer, records, version)
-    prompts = [p[:max_source_length - 1] for p in texts]
-    answers = [r.answer[:max_target_length - 1] for r in records]
-    sources = tokenizer.sp.encode(prompts)
-    full_src = [len(ids) for ids in tokenizer.sp.encode(texts)]
-    full_tgt = [len(ids) for ids in tokenizer.sp.encode([r.answer for r in records])]
+    sources = tokenizer.sp.encode(texts)
     # Deliberate deviation: the reference encodes the answer WITH the [gMASK] sop prefix; GLM3's decode then
     # renders "[gMASK]sop" into the reference string and ROUGE/BLEU drop. Labels here are the answer only.
-    targets = tokenizer.sp.encode(answers)
+    targets = tokenizer.sp.encode([r.answer for r in records])
     n, prefix = len(records), tokenizer.prefix
     input_ids = np.full((n, max_source_length), tokenizer.pad_id, dtype=np.int32)
     labels = np.full((n, max_target_length), tokenizer.pad_id, dtype=np.int32)
@@ -189,17 +187,12 @@ def preprocess_eval(tokenizer: GLMTokenizer, records: Sequence[Record], max_sour
     tgt_len = np.empty(n, dtype=np.int64)
     room = max_source_length - len(prefix)
     for i, (s, t) in enumerate(zip(sources, targets)):
-        # Stats describe the untruncated text; a sample counts as truncated if either cut (chars, tokens) bit.
-        src_len[i], tgt_len[i] = full_src[i] + len(prefix), full_tgt[i]
+        src_len[i], tgt_len[i] = len(s) + len(prefix), len(t)
         a = prefix + s[:room]
         b = t[:max_target_length]
         input_ids[i, :len(a)] = a
         labels[i, :len(b)] = b
     stats = _length_stats(src_len, tgt_len, max_source_length, max_target_length)
-    stats["truncated_source"] = sum(len(p) < len(f) or len(s) > room
-                                    for p, f, s in zip(prompts, texts, sources))
-    stats["truncated_target"] = sum(len(a) < len(r.answer) or len(t) > max_target_length
-                                    for a, r, t in zip(answers, records, targets))
     return {"input_ids": input_ids, "labels": labels, "index": np.arange(n, dtype=np.int32)}, stats
 
 

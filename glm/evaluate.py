@@ -92,6 +92,9 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path) -> dict:
 
 
 def _perplexity(cfg: dict, section: dict, batch: int) -> dict:
+    # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
+    # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
+    section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")

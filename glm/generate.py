@@ -86,7 +86,11 @@ class Generator:
         if gen.max_new_tokens is not None:
             return max(0, min(gen.max_new_tokens, limit - longest))
         max_length = min(gen.max_length or limit, limit)
-        return max(0, max_length - longest)
+        if longest >= max_length:   # silently answering nothing would look like a model that says nothing
+            i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+            raise GLMError(f"prompt {i}: {longest} tokens leave no room for an answer under max_length {max_length} "
+                           "(model.model_config.max_decode_length); raise it or shorten the prompt")
+        return max_length - longest
 
     def _generate_chunk(self, prompts, gen, rng, streamer) -> list[list[int]]:
         n = len(prompts)

@@ -21,7 +21,7 @@ def read_prompts(items: list[str]) -> list[str]:
     """One text, several texts, or one file (.jsonl/.json: one JSON object or string a line; else a line each)."""
     if not items:
         raise GLMError("--predict_data: give a prompt, several prompts, or a file of prompts")
-    if len(items) == 1 and Path(items[0]).is_file():
+    if len(items) == 1 and _is_file(items[0]):
         path = Path(items[0])
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -43,6 +43,13 @@ def read_prompts(items: list[str]) -> list[str]:
         if not p.strip():
             raise GLMError(f"--predict_data: prompt {i + 1} is empty")
     return prompts
+
+
+def _is_file(item: str) -> bool:
+    try:
+        return Path(item).is_file()
+    except (OSError, ValueError):   # a long prompt is no file name (ENAMETOOLONG), nor one with a NUL
+        return False
 
 
 def _json_prompt(line: str, path: Path, no: int) -> str:
@@ -123,7 +130,9 @@ def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
             stdout.write("(history cleared)\n")
             continue
         ids = tok.build_generation_input(query, history)
-        while len(ids) >= generator.cfg.seq_length and history:    # drop the oldest turns that no longer fit
+        limit = generator.cfg.seq_length if gen.max_new_tokens is not None else \
+            min(gen.max_length or generator.cfg.seq_length, generator.cfg.seq_length)
+        while len(ids) >= limit and history:    # drop the oldest turns: the answer needs room under max_length
             history = history[1:]
             ids = tok.build_generation_input(query, history)
         printer = _Printer(tok, stdout)

@@ -1,0 +1,152 @@
+"""Generation semantics on a tiny random model, in-process: seeded sampling, per-row eos stopping,
+max_new_tokens / max_length, repetition penalty and the streaming callback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from glm import GLMError
+from glm.generate import GenerationConfig, Generator
+from glm.model.config import GLMConfig
+from glm.model.glm import GLMForCausalLM
+from glm.runtime import ms, setup_context
+
+V, SEQ, ROWS = 160, 64, 3
+NO_EOS = [-1]   # an id the model can never produce
+
+
+@pytest.fixture(scope="module")
+def gen3() -> Generator:
+    setup_context("CPU", 0)
+    ms.set_seed(7)
+    cfg = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+                    ffn_hidden_size=96, padded_vocab_size=V, seq_length=SEQ, use_past=True, batch_size=ROWS)
+    model = GLMForCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    for p in model.get_parameters():   # random weights with clearly different logits between tokens
+        if len(p.shape) > 1:
+            p.set_data(ms.Tensor(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+    return Generator(model, use_cache=True)
+
+
+def prompts(n: int = ROWS, lengths=(5, 11, 8, 3), seed: int = 1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, V, lengths[i % len(lengths)]).tolist() for i in range(n)]
+
+
+def greedy(g: Generator, ps, **kw) -> list[list[int]]:
+    return g.generate(ps, GenerationConfig(**{"max_new_tokens": 16, "eos_token_id": NO_EOS, **kw}))
+
+
+def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(gen3):
+    ps = prompts()
+    cfg = dict(max_new_tokens=16, eos_token_id=NO_EOS, do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+    a = gen3.generate(ps, GenerationConfig(seed=11, **cfg))
+    b = gen3.generate(ps, GenerationConfig(seed=11, **cfg))
+    c = gen3.generate(ps, GenerationConfig(seed=12, **cfg))
+    assert a == b
+    assert all(len(r) == 16 for r in a + c)
+    assert a != c
+    # Sampling really samples: it is not the greedy path.
+    assert a != greedy(gen3, ps)
+    # top_k=1 sampling is greedy whatever the seed.
+    k1 = {**cfg, "top_k": 1}
+    assert gen3.generate(ps, GenerationConfig(seed=3, **k1)) == gen3.generate(ps, GenerationConfig(seed=4, **k1)) \
+        == greedy(gen3, ps)
+
+
+def _cut(row: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i]
+    return row
+
+
+def test_each_eos_id_stops_its_row_right_before_it_while_other_rows_continue(gen3):
+    ps = prompts()
+    free = greedy(gen3, ps, max_new_tokens=20)
+    assert len({tuple(r) for r in free}) == ROWS, "rows should differ for this test to mean anything"
+    # Row 0 stops at a token it greedily produces (at its first occurrence, k > 0) that row 1 never produces.
+    k0 = next(k for k in range(1, 20) if free[0][k] not in free[0][:k] and free[0][k] not in free[1])
+    t0 = free[0][k0]
+    out = greedy(gen3, ps, max_new_tokens=20, eos_token_id=[t0])
+    assert out[0] == free[0][:k0]
+    assert out[1] == free[1]                     # row 1 ran on to the limit
+    assert out[2] == _cut(free[2], {t0})
+    # A second eos id: row 1 now stops at its own token, row 0 still at t0 (each id of the list counts).
+    k1 = next(k for k in range(1, 20) if free[1][k] not in free[1][:k] and free[1][k] not in free[0][:k0 + 1])
+    t1 = free[1][k1]
+    out2 = greedy(gen3, ps, max_new_tokens=20, eos_token_id=[t0, t1])
+    assert out2[0] == _cut(free[0], {t0, t1}) and len(out2[0]) <= k0
+    assert out2[1] == free[1][:k1]
+    assert out2[2] == _cut(free[2], {t0, t1})
+    # eos at the very first step: an empty answer for that row only.
+    first = free[0][0]
+    out3 = greedy(gen3, ps, eos_token_id=[first])
+    assert out3[0] == []
+    assert out3[1] == _cut(free[1][:16], {first})
+
+
+def test_max_new_tokens_and_max_length_are_honoured(gen3):
+    ps = prompts()
+    free = greedy(gen3, ps, max_new_tokens=20)
+    for n in (1, 5, 13):
+        out = greedy(gen3, ps, max_new_tokens=n)
+        assert [len(r) for r in out] == [n] * ROWS
+        assert out == [r[:n] for r in free]     # a shorter budget is a prefix of a longer one
+    # max_length counts prompt + new tokens (like HF), for the longest prompt of the batch.
+    longest = max(len(p) for p in ps)
+    out = gen3.generate(ps, GenerationConfig(max_length=longest + 7, eos_token_id=NO_EOS))
+    assert [len(r) for r in out] == [7] * ROWS and out == [r[:7] for r in free]
+    # Both clamp to seq_length: the longest prompt + its new tokens fill the window exactly.
+    out = greedy(gen3, ps, max_new_tokens=10_000)
+    assert [len(r) for r in out] == [SEQ - longest] * ROWS
+    out = gen3.generate(ps, GenerationConfig(max_length=10_000, eos_token_id=NO_EOS))
+    assert [len(r) for r in out] == [SEQ - longest] * ROWS
+
+
+def test_repetition_penalty_changes_the_output_and_reduces_repeats(gen3):
+    ps = prompts()
+    plain = greedy(gen3, ps, max_new_tokens=24)
+    penalised = greedy(gen3, ps, max_new_tokens=24, repetition_penalty=5.0)
+    assert plain != penalised
+
+    def repeats(rows, ps):
+        return sum(len(p) + len(r) - len(set(p) | set(r)) for p, r in zip(ps, rows))
+
+    assert repeats(penalised, ps) < repeats(plain, ps)
+    # The penalty sees prompt tokens too: with a huge penalty no row repeats a token of its prompt or output
+    # while unseen tokens are left (V = 160 > prompt + 24).
+    strict = greedy(gen3, ps, max_new_tokens=24, repetition_penalty=1e6)
+    for p, r in zip(ps, strict):
+        assert len(set(r)) == len(r) and not set(r) & set(p)
+
+
+def test_streamer_sees_exactly_the_returned_tokens_in_order(gen3):
+    ps = prompts(n=5)     # more prompts than rows: two chunks, the streamer's row index is global
+    seen: list[tuple[int, int]] = []
+    free = greedy(gen3, ps, max_new_tokens=12)
+    eos = free[3][4]      # stop row 3 (second chunk) early, so rows have different lengths
+    out = gen3.generate(ps, GenerationConfig(max_new_tokens=12, eos_token_id=[eos]),
+                        streamer=lambda r, t: seen.append((r, t)))
+    assert len(out[3]) <= 4 and len({len(r) for r in out}) > 1
+    assert [[t for r, t in seen if r == i] for i in range(5)] == out
+    assert eos not in [t for _, t in seen]
+    assert len(seen) == sum(len(r) for r in out)
+    # Tokens of a chunk arrive step by step (row 0's k-th token before row 1's (k+1)-th), chunks in order.
+    first_chunk = [r for r, _ in seen if r < ROWS]
+    assert first_chunk[:ROWS] == list(range(ROWS))
+    assert max(i for i, (r, _) in enumerate(seen) if r < ROWS) < min(i for i, (r, _) in enumerate(seen) if r >= ROWS)
+
+
+def test_prompt_errors_are_glm_errors(gen3):
+    with pytest.raises(GLMError, match="prompt 1: it is empty"):
+        greedy(gen3, [[5, 6], []])
+    with pytest.raises(GLMError, match=f"prompt 0: {SEQ} tokens do not fit model.model_config.seq_length {SEQ}"):
+        greedy(gen3, [[5] * SEQ])
+    assert gen3.generate([], GenerationConfig(max_new_tokens=3)) == []
+    # max_length counts the prompt: a prompt that fills it leaves no room, which is an error, not an empty answer.
+    with pytest.raises(GLMError, match="prompt 1: 11 tokens leave no room for an answer under max_length 11"):
+        gen3.generate(prompts(), GenerationConfig(max_length=11, eos_token_id=NO_EOS))
+    assert [len(r) for r in gen3.generate(prompts(), GenerationConfig(max_length=12, eos_token_id=NO_EOS))] == [1] * 3
