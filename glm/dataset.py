@@ -89,14 +89,18 @@ class AdgenDataset:
         return m // self.batch_size if self.drop_remainder else -(-m // self.batch_size)
 
     def _check_skip(self, skip_batches: int) -> None:
-        if not 0 <= skip_batches <= self.batches_per_epoch():
-            raise GLMError(f"skip_batches {skip_batches}: expected 0..{self.batches_per_epoch()} "
-                           f"(batches per epoch of this shard)")
+        total = self.batches_per_epoch() * self.repeat
+        if not 0 <= skip_batches <= total:
+            passes = f" x repeat {self.repeat}" if self.repeat > 1 else ""
+            raise GLMError(f"skip_batches {skip_batches}: expected 0..{total} "
+                           f"(batches per epoch of this shard{passes})")
 
     def for_epoch(self, epoch: int = 0, skip_batches: int = 0) -> ds.Dataset:
         """The batched MindSpore dataset of `epoch`, starting after its first `skip_batches` batches.
 
-        `repeat` > 1 (never used by the shipped configs) repeats the epoch; the skip applies to the first pass.
+        With `repeat` R > 1 (never used by the shipped configs) an epoch is R identical passes over the same
+        order (pass 1's batches, then the same batches again), and `skip_batches` counts from the start of the
+        first pass (0..R x batches_per_epoch), as the trainer's step_in_epoch does when it resumes.
         """
         self._check_skip(skip_batches)
         order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
@@ -105,19 +109,22 @@ class AdgenDataset:
                                    num_shards=self.num_shards, shard_id=self.shard_id,
                                    num_parallel_workers=self.num_parallel_workers,
                                    python_multiprocessing=self.python_multiprocessing)
+        if self.repeat > 1:
+            # A skip before repeat() would be replayed by every pass: skip whole batches of the repeated stream.
+            data = data.batch(self.batch_size, drop_remainder=self.drop_remainder).repeat(self.repeat)
+            return data.skip(skip_batches) if skip_batches else data
         if skip_batches:
             data = data.skip(skip_batches * self.batch_size)  # skipping samples is cheaper than whole batches
-        data = data.batch(self.batch_size, drop_remainder=self.drop_remainder)
-        if self.repeat > 1:
-            data = data.repeat(self.repeat)
-        return data
+        return data.batch(self.batch_size, drop_remainder=self.drop_remainder)
 
     def iter_batches(self, epoch: int = 0, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Pure-numpy twin of `for_epoch` (same batches, same order), without `repeat`."""
+        """Pure-numpy twin of `for_epoch` (same batches, same order, `repeat` passes included)."""
         self._check_skip(skip_batches)
         order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
         idx = order[shard_positions(len(order), self.num_shards, self.shard_id)]
-        for b in range(skip_batches, self.batches_per_epoch()):
+        per_pass = self.batches_per_epoch()
+        for k in range(skip_batches, per_pass * self.repeat):
+            b = k % per_pass
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             yield {c: self.samples[c][sel] for c in self.columns}
 

@@ -271,3 +271,70 @@ def test_eval_records_and_multiprocessing():
     batch = batches_of(data.dataset)[0]
     for i, ids in zip(batch["index"], batch["labels"]):
         assert data.records[i].answer == rows[i]["summary"] == data.tokenizer.decode(ids)
+
+
+def test_repeat_yields_the_epoch_twice_in_the_same_order_and_skip_counts_across_passes():
+    from glm.data import build_dataset
+
+    # 40 dev samples, batch 6, no drop: 7 batches per pass (6 x 6 + 4); repeat 2 -> 14 batches.
+    sec = section(SAMPLE / "dev.json", phase="eval", src=64, tgt=128, drop_remainder=False, repeat=2)
+    data = build_dataset(sec, batch_size=6, epoch=1)
+    assert data.repeat == 2 and data.num_batches == 7     # num_batches stays per pass (the trainer multiplies)
+    got = [b["index"].tolist() for b in batches_of(data.dataset)]
+    # Expected order: epoch 1's seeded permutation cut into batches, then exactly the same batches again.
+    perm = np.random.default_rng(0 + 1).permutation(40).tolist()
+    one_pass = [perm[i:i + 6] for i in range(0, 40, 6)]
+    assert [len(b) for b in one_pass] == [6] * 6 + [4]
+    assert got == one_pass + one_pass
+    assert [b["index"].tolist() for b in data.iter_batches(1)] == got
+    # A resume skips batches of the repeated epoch: within the first pass the second pass stays whole,
+    # and a skip past the first pass lands inside the second.
+    for skip in (2, 7, 9, 14):
+        assert eval_indices(data, 1, skip) == got[skip:], skip
+        assert [b["index"].tolist() for b in data.iter_batches(1, skip)] == got[skip:], skip
+    with pytest.raises(GLMError, match=r"skip_batches 15: expected 0..14 \(batches per epoch of this shard x repeat 2\)"):
+        data.for_epoch(1, 15)
+    # Train phase: twice the batches of repeat 1, identical contents pass by pass.
+    train2 = build_dataset(section(SAMPLE / "train.json", src=48, tgt=40, repeat=2), batch_size=8, seq_length=89)
+    train1 = build_dataset(section(SAMPLE / "train.json", src=48, tgt=40), batch_size=8, seq_length=89)
+    b2, b1 = batches_of(train2.dataset), batches_of(train1.dataset)
+    assert len(b1) == 37 and len(b2) == 74
+    for g, w in zip(b2, b1 + b1):
+        assert (g["input_ids"] == w["input_ids"]).all() and (g["labels"] == w["labels"]).all()
+
+
+def test_build_dataset_prints_the_stats_exactly_once(capsys):
+    from glm.data import build_dataset
+
+    data = build_dataset(section(SAMPLE / "dev.json", phase="eval", src=40, tgt=18), batch_size=4)
+    batches_of(data.dataset)
+    data.for_epoch(1)
+    out = capsys.readouterr().out
+    assert out.count(f"data {SAMPLE / 'dev.json'} (eval v2)") == 1 and out.count("truncated: ") == 1
+    assert out == format_stats(data.stats) + "\n"
+    sp = spm.SentencePieceProcessor(model_file=str(SAMPLE / "tokenizer.model"))
+    rows = [json.loads(line) for line in (SAMPLE / "dev.json").read_text(encoding="utf-8").splitlines()]
+    src_len = [2 + len(sp.encode(f"[Round 1]\n\n问：{r['content']}\n\n答：")) for r in rows]
+    tgt_len = [len(sp.encode(r["summary"])) for r in rows]
+    assert data.stats["truncated_source"] == sum(n > 40 for n in src_len) > 0
+    assert data.stats["truncated_target"] == sum(n > 18 for n in tgt_len) > 0
+    assert f"truncated: source {sum(n > 40 for n in src_len)}, target {sum(n > 18 for n in tgt_len)}" in out
+
+
+def test_shipped_sample_is_what_the_tools_regenerate(tmp_path):
+    """data/sample/{train,dev}.json and tokenizer.model, regenerated with the commands of data/sample/README.md,
+    are byte-identical: the data generator is seeded, and sentencepiece's BPE trainer is deterministic with
+    num_threads=1 (train_tokenizer.py sets it), so the whole model file, not only its pieces, must match."""
+    import subprocess
+    import sys
+
+    readme = (SAMPLE / "README.md").read_text(encoding="utf-8")
+    assert "--train 300 --dev 40 --seed 1234" in readme and "--vocab-size 1000" in readme
+    py = [sys.executable]
+    subprocess.run(py + ["tools/make_sample_data.py", "--out", str(tmp_path), "--train", "300", "--dev", "40",
+                         "--seed", "1234"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(py + ["tools/train_tokenizer.py", "--data", str(tmp_path / "train.json"),
+                         str(tmp_path / "dev.json"), "--out", str(tmp_path / "tokenizer.model"), "--vocab-size", "1000"],
+                   cwd=REPO, check=True, capture_output=True)
+    for name in ("train.json", "dev.json", "tokenizer.model"):
+        assert (tmp_path / name).read_bytes() == (SAMPLE / name).read_bytes(), name
