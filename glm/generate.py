@@ -15,7 +15,7 @@ import numpy as np
 from glm import GLMError
 from glm.model.glm import CachedStep, GLMForCausalLM, LastLogits
 from glm.runtime import ms
-from glm.sampling import StopCriteria, choose_tokens, process_logits
+from glm.sampling import StopCriteria, check_finite, choose_tokens, process_logits
 
 
 @dataclass
@@ -106,6 +106,7 @@ class Generator:
         eos = set(int(e) for e in gen.eos_token_id)
         logits = self._first_logits(rows, lengths)
         while True:
+            check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             scores = process_logits(logits, seqs, repetition_penalty=gen.repetition_penalty,
                                     temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                                     do_sample=gen.do_sample)

@@ -150,3 +150,39 @@ def test_prompt_errors_are_glm_errors(gen3):
     with pytest.raises(GLMError, match="prompt 1: 11 tokens leave no room for an answer under max_length 11"):
         gen3.generate(prompts(), GenerationConfig(max_length=11, eos_token_id=NO_EOS))
     assert [len(r) for r in gen3.generate(prompts(), GenerationConfig(max_length=12, eos_token_id=NO_EOS))] == [1] * 3
+
+
+def test_nan_logits_are_a_glm_error_not_token_0(gen3):
+    """A token whose embedding is NaN poisons the logits of the rows that read it (a broken checkpoint)."""
+    emb = next(p for p in gen3.model.get_parameters() if p.name.endswith("embedding_table"))
+    saved = emb.asnumpy().copy()
+    ps = prompts()
+    free = greedy(gen3, ps, max_new_tokens=6)
+
+    def poison(token: int) -> None:
+        table = saved.copy()
+        table[token] = np.nan
+        emb.set_data(ms.Tensor(table))
+
+    try:
+        # In a prompt: row 1's prefill logits are NaN; the error names that row instead of answering 0, 0, ...
+        bad = ps[1][0]
+        assert bad not in ps[0] + ps[2]
+        poison(bad)
+        with pytest.raises(GLMError, match="generation: row 1 has NaN or all -inf logits"):
+            greedy(gen3, ps, max_new_tokens=6)
+        # Generated: row 0's first new token is NaN, so its decode-step logits are (prefill was fine).
+        t = free[0][0]
+        assert t not in sum(ps, []) and t not in free[1][:1] + free[2][:1]
+        poison(t)
+        with pytest.raises(GLMError, match="generation: row 0 has NaN"):
+            greedy(gen3, ps, max_new_tokens=6)
+        # Rows that are not generating do not count: here the filler rows of the static batch read the NaN
+        # token (it is the pad id) but the two real rows answer as before.
+        poison(t := 7)
+        two = ps[:2]
+        assert t not in sum(two, []) + free[0] + free[1]
+        assert greedy(gen3, two, max_new_tokens=6, pad_token_id=t) == free[:2]
+    finally:
+        emb.set_data(ms.Tensor(saved))
+    assert greedy(gen3, ps, max_new_tokens=6) == free
