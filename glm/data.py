@@ -33,11 +33,13 @@ class Record:
 
 
 def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "summary"),
-               warn: bool = True) -> tuple[list[Record], dict]:
+               warn: bool = True, require_answer: bool = False) -> tuple[list[Record], dict]:
     """Read an ADGEN-style JSON-lines file into records; returns (records, counts).
 
     Unusable lines (blank, invalid JSON, missing key, empty value) are skipped with one warning line;
-    file-level problems and a file with no usable line raise GLMError.
+    file-level problems and a file with no usable line raise GLMError. With `require_answer` (eval-phase
+    data, whose answer is the metric's reference) an empty answer is a GLMError naming the line instead:
+    skipping it would silently score a different set of samples.
     """
     path = Path(path)
     if len(origin_columns) != 2:
@@ -78,6 +80,9 @@ def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "su
             skipped["invalid_json"].append(no)
         elif key_p not in obj or key_a not in obj:
             skipped["missing_key"].append(no)
+        elif require_answer and not _nonblank(obj[key_a]):
+            raise GLMError(f"dataset file {str(path)!r} line {no}: empty reference ({key_a!r} is {obj[key_a]!r:.40}); "
+                           "eval scores every line against its reference: fill it in or remove the line")
         elif not _nonblank(obj[key_p]) or not _nonblank(obj[key_a]):
             skipped["empty_value"].append(no)
         else:
@@ -219,7 +224,7 @@ def load_adgen(path: str | Path, tokenizer: GLMTokenizer, *, phase: str, version
     """Read and preprocess a whole file once: returns (records, numpy samples, stats)."""
     if phase not in ("train", "eval"):
         raise GLMError(f"data_loader.phase: expected 'train' or 'eval', got {phase!r}")
-    records, counts = read_jsonl(path, origin_columns)
+    records, counts = read_jsonl(path, origin_columns, require_answer=phase == "eval")
     if phase == "train":
         samples, lstats = preprocess_train(tokenizer, records, max_source_length, max_target_length, version,
                                            ignore_pad_token_for_loss)

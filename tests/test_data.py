@@ -338,3 +338,23 @@ def test_shipped_sample_is_what_the_tools_regenerate(tmp_path):
                    cwd=REPO, check=True, capture_output=True)
     for name in ("train.json", "dev.json", "tokenizer.model"):
         assert (tmp_path / name).read_bytes() == (SAMPLE / name).read_bytes(), name
+
+
+def test_empty_reference_is_an_error_in_eval_and_a_skipped_line_in_train(tmp_path, capsys):
+    ok = '{"content": "类型#裙", "summary": "好看"}'
+    path = write_lines(tmp_path / "dev.json", [ok, '{"content": "类型#裤", "summary": "  "}', ok,
+                                               '{"content": "类型#裙", "summary": ""}'])
+    tok = ChatGLM2Tokenizer(SAMPLE / "tokenizer.model")
+    kw = dict(version=2, max_source_length=32, max_target_length=16)
+    with pytest.raises(GLMError) as e:
+        load_adgen(path, tok, phase="eval", **kw)
+    assert str(e.value) == (f"dataset file {str(path)!r} line 2: empty reference ('summary' is '  '); eval scores "
+                            "every line against its reference: fill it in or remove the line")
+    records, _, stats = load_adgen(path, tok, phase="train", **kw)
+    assert [r.line for r in records] == [1, 3] and stats["skipped"]["empty_value"] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 2 of 4 lines (empty_value 2); first at lines 2, 4" in err[0]
+    # An empty prompt (content) in eval is still only a skipped line: the reference is there.
+    write_lines(path, [ok, '{"content": "", "summary": "好看"}'])
+    records, _, stats = load_adgen(path, tok, phase="eval", **kw)
+    assert [r.line for r in records] == [1] and stats["skipped"]["empty_value"] == 1

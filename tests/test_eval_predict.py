@@ -289,8 +289,9 @@ def test_chat_drops_old_turns_so_that_each_answer_has_room(oracle, monkeypatch):
 # --------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("mode, args, expected", [
     ("eval", ["load_checkpoint="], ["--run_mode eval needs load_checkpoint"]),
+    ("predict", ["load_checkpoint=", "--predict_data", "类型#裙"], ["--run_mode predict needs load_checkpoint"]),
     ("export", ["load_checkpoint="], ["--run_mode export needs load_checkpoint"]),
-], ids=["eval", "export"])
+], ids=["eval", "predict", "export"])
 def test_no_checkpoint(tmp_path, mode, args, expected):
     one_line_error(run_glm("--config", TINY2, "--run_mode", mode, "--output_dir", str(tmp_path), *args,
                            check=False), *expected)
@@ -333,3 +334,65 @@ def test_bad_prompts(trained, tmp_path):
                    "model.model_config.max_decode_length=20", check=False)
     one_line_error(proc, "leave no room for an answer under max_length 20", "max_decode_length")
     assert not (tmp_path / "predict_results.jsonl").exists()
+
+
+def test_empty_reference_in_the_eval_file_is_a_one_line_error(tmp_path):
+    """The metric needs a reference for every line: an empty summary stops eval before any generation."""
+    rows = DEV.read_text(encoding="utf-8").splitlines()[:4]
+    rows[2] = json.dumps({"content": json.loads(rows[2])["content"], "summary": ""}, ensure_ascii=False)
+    dev = tmp_path / "dev_empty_ref.json"
+    dev.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    proc = run_glm("--config", TINY2, "--run_mode", "eval", "--load_checkpoint", "random", "--output_dir", str(out),
+                   "--eval_dataset_dir", str(dev), check=False)
+    line = one_line_error(proc, str(dev), "line 3: empty reference ('summary' is '')")
+    assert proc.returncode == 2, line      # GLMError: exit code 2, as for every bad input
+    assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------- eval reports, in-process
+def test_empty_predictions_are_reported_loudly_and_counted(tmp_path, monkeypatch, capsys):
+    """Generation stubbed (no model run): samples 0, 2, 4 answer nothing, 1, 3, 5 answer their reference."""
+    import glm.evaluate
+    from glm.config import apply_overrides, load_config
+
+    monkeypatch.chdir(REPO)
+    refs = [json.loads(line)["summary"] for line in DEV.read_text(encoding="utf-8").splitlines()]
+    calls = []
+
+    class StubGenerator:
+        def __init__(self, model, use_cache=True):
+            self.seen = 0
+
+        def generate(self, prompts, gen, streamer=None):
+            calls.append(len(prompts))
+            out = []
+            for _ in prompts:
+                i, self.seen = self.seen, self.seen + 1
+                out.append([] if i % 2 == 0 else tok.encode(refs[i]))
+            return out
+
+    cfg = apply_overrides(load_config(TINY2), [f"output_dir={tmp_path}", "load_checkpoint=random",
+                                               "eval_dataset.max_eval_samples=6"])
+    from glm.build import build_tokenizer
+
+    tok = build_tokenizer(cfg)
+    monkeypatch.setattr(glm.evaluate, "Generator", StubGenerator)
+    result = glm.evaluate.run_eval(cfg)
+    captured = capsys.readouterr()
+    assert calls == [4, 2]                   # runner_config.batch_size 4, max_eval_samples 6
+    warnings = [ln for ln in captured.err.splitlines() if ln.startswith("WARNING")]
+    assert warnings == ["WARNING: 3 of 6 predictions were empty"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["empty_predictions"] == 3 == result["empty_predictions"] and metrics["samples"] == 6
+    for k in SCORES:                         # empty -> 0, an exact copy of the reference -> 100
+        assert metrics[k] == pytest.approx(50.0, abs=1e-6)
+    preds = jsonl(tmp_path / "predictions.jsonl")
+    assert [p["prediction"] for p in preds] == ["" if i % 2 == 0 else refs[i] for i in range(6)]
+    assert [p["new_tokens"] for p in preds][::2] == [0, 0, 0]
+    # The eval file's stats: printed once, and kept beside the metrics (the whole file, 40 lines).
+    assert captured.out.count("data data/sample/dev.json (eval v2)") == 1
+    stats = json.loads((tmp_path / "eval_data_stats.json").read_text())
+    assert stats["samples"] == 40 and stats["phase"] == "eval" and stats["max_source_length"] == 48
+    assert {"truncated_source", "truncated_target"} <= stats.keys() and stats["target_tokens"]["max"] > 0
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]    # no temp file left behind
