@@ -3,6 +3,8 @@
 Predictions are appended to `<output_dir>/predictions.jsonl` batch by batch (flushed, so a long eval
 can be watched and an interrupted one still leaves its results); the final scores go to
 `<output_dir>/metrics.json` and the terminal. Empty predictions are counted and reported loudly.
+The eval file's preprocessing statistics go to `<output_dir>/eval_data_stats.json` (not data_stats.json:
+eval and finetune share ./output by default, and the training run's data_stats.json must survive).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from glm.generate import Generator
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
 
+STATS_FILE = "eval_data_stats.json"
+
 
 def run_eval(cfg: dict) -> dict:
     proc = init_process(cfg)
@@ -34,9 +38,9 @@ def run_eval(cfg: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     batch = int((cfg.get("runner_config") or {}).get("batch_size", 1))
     if metric_type == "PerplexityMetric" or phase == "train":
-        result = _perplexity(cfg, section, batch)
+        result = _perplexity(cfg, section, batch, out if proc.is_main else None)
     else:
-        result = _adgen(cfg, section, batch, out)
+        result = _adgen(cfg, section, batch, out, proc.is_main)
     result["checkpoint"] = cfg.get("load_checkpoint")
     if proc.is_main:
         write_json_atomic(result, out / "metrics.json")
@@ -49,8 +53,10 @@ def _limit(section: dict, n: int) -> int:
     return n if limit in (None, -1, 0) else min(n, int(limit))
 
 
-def _adgen(cfg: dict, section: dict, batch: int, out: Path) -> dict:
+def _adgen(cfg: dict, section: dict, batch: int, out: Path, is_main: bool = True) -> dict:
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
+    if is_main:
+        write_json_atomic(data.stats, out / STATS_FILE)
     tok = data.tokenizer
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
@@ -91,12 +97,14 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path) -> dict:
     return result
 
 
-def _perplexity(cfg: dict, section: dict, batch: int) -> dict:
+def _perplexity(cfg: dict, section: dict, batch: int, out: Path | None = None) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
     section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
+    if out is not None:
+        write_json_atomic(data.stats, out / STATS_FILE)
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
     model.set_train(False)
     metric = PerplexityMetric()
