@@ -56,6 +56,25 @@ def test_loss_falls_and_checkpoints_are_rotated(base_run):
     assert json.loads((base_run / "data_stats.json").read_text())["samples"] == 300
 
 
+def test_data_stats_json_has_truncation_counts_and_percentiles(base_run):
+    """data_stats.json of the run = the train block's stats, recomputed here from raw sentencepiece calls."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(REPO / "data/sample/tokenizer.model"))
+    rows = [json.loads(line) for line in (REPO / "data/sample/train.json").read_text(encoding="utf-8").splitlines()]
+    src = np.array([2 + len(sp.encode(f"[Round 1]\n\n问：{r['content']}\n\n答：")) for r in rows])   # + [gMASK] sop
+    tgt = np.array([len(sp.encode(r["summary"])) for r in rows])
+    stats = json.loads((base_run / "data_stats.json").read_text())
+    assert (stats["phase"], stats["version"], stats["max_source_length"], stats["max_target_length"]) == ("train", 2, 48, 79)
+    assert stats["lines_read"] == stats["samples"] == 300 and sum(stats["skipped"].values()) == 0
+    assert stats["truncated_source"] == int((src > 48).sum()) and stats["truncated_target"] == int((tgt > 79).sum())
+    for key, lengths in (("source_tokens", src), ("target_tokens", tgt)):
+        p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+        assert stats[key] == {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
+    assert stats["source_tokens"]["p50"] > 20 and stats["target_tokens"]["max"] > 10
+    assert not [f for f in base_run.iterdir() if f.name.startswith(".")]     # written via temp name + rename
+
+
 def test_stop_and_resume_equals_uninterrupted(base_run, tmp_path):
     out = tmp_path / "split"
     finetune(out, "--max_steps", "4", "callbacks.CheckpointMonitor.save_checkpoint_steps=2")
