@@ -9,10 +9,13 @@ set -euo pipefail
 
 # shellcheck source=scripts/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+# shellcheck source=scripts/_msrun_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_msrun_args.sh"
 
 usage() {
     cat <<'EOF'
 Usage: bash scripts/run_distribute.sh RANK_TABLE_FILE CONFIG_PATH DEVICE_RANGE RUN_STATUS [RANK_SIZE] [PREDICT_DATA]
+       bash scripts/run_distribute.sh none CONFIG_PATH DEVICE_RANGE RUN_STATUS [RANK_SIZE] [PREDICT_DATA] [MSRUN OPTIONS]
   RANK_TABLE_FILE  HCCL rank-table JSON (tools/hccl_tools.py), or `none` / `--msrun` to launch with msrun
   CONFIG_PATH      YAML config; its top-level output_dir (default ./output) holds the logs
   DEVICE_RANGE     [START,END]: devices START..END-1 of this machine, e.g. [0,8]
@@ -23,14 +26,21 @@ Usage: bash scripts/run_distribute.sh RANK_TABLE_FILE CONFIG_PATH DEVICE_RANGE R
   PREDICT_DATA     predict only: the 5th argument on one machine, the 6th after RANK_SIZE otherwise
 Every rank runs from the current directory; rank k logs to OUTPUT_DIR/log/rank_k/glm.log.
 If a rank fails, the others are stopped and the script exits non-zero naming the rank's log.
+MSRUN OPTIONS (msrun form only, anywhere on the line, `--opt VALUE` or `--opt=VALUE`; they win over
+the environment variables in brackets):
+  --master_addr ADDR  scheduler host, the IP or name of node 0 [MASTER_ADDR, default 127.0.0.1]
+  --master_port PORT  scheduler port, 1-65535 [MASTER_PORT, default 8118]
+  --nodes N           number of machines; RANK_SIZE defaults to N*(END-START), and must equal it if given
+  --node_rank K       this machine's index, 0 <= K < nodes [NODE_RANK]; on several machines it follows from
+                      DEVICE_RANGE (K = START/(END-START)) and, if given, must agree with it
 Examples:
   bash scripts/run_distribute.sh hccl_8p_01234567_10.0.0.1.json configs/glm2/run_glm2_6b_lora.yaml [0,8] finetune
   bash scripts/run_distribute.sh none configs/glm2/run_glm2_6b_lora.yaml [0,2] finetune            # msrun
-  NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash scripts/run_distribute.sh none cfg.yaml [8,16] finetune 16  # msrun, node 2
+  bash scripts/run_distribute.sh none cfg.yaml [8,16] finetune --nodes 2 --master_addr 10.0.0.1    # msrun, node 1 of 0..1
 Environment:
-  msrun form: MASTER_ADDR (127.0.0.1), MASTER_PORT (8118), NODE_RANK (START/(END-START) with RANK_SIZE,
-              else 0), CLUSTER_TIME_OUT (120 s), MSRUN (msrun executable), GLM_MSRUN_GRACE (10 s: how long
-              msrun may take to stop after a worker failed before the launcher kills the job)
+  msrun form: MASTER_ADDR, MASTER_PORT, NODE_RANK (see above), CLUSTER_TIME_OUT (120 s), MSRUN (msrun
+              executable), GLM_MSRUN_GRACE (10 s: how long msrun may take to stop after a worker failed
+              before the launcher kills the job)
   PYTHON, GLM_ENTRY (entry point, default <repo>/run_glm.py), GLM_KILL_TIMEOUT (5 s),
   GLM_LAUNCH_DRY_RUN=1 (print each rank's environment and command, launch nothing)
 EOF
@@ -83,6 +93,11 @@ parse_args() {
         MULTI_NODE=1
     else
         RANK_SIZE=$((END - START))
+    fi
+    if ((USE_MSRUN)); then
+        msrun_settings
+    elif [[ ${#OPTS_GIVEN[@]} -gt 0 ]]; then
+        usage_error "${OPTS_GIVEN[0]} is only for the msrun form (RANK_TABLE_FILE none)"
     fi
 }
 
@@ -250,11 +265,8 @@ on_signal_msrun() {
 }
 
 launch_msrun() {
-    local local_n=$((END - START)) node_rank master_addr="${MASTER_ADDR:-127.0.0.1}"
-    local master_port="${MASTER_PORT:-8118}" timeout="${CLUSTER_TIME_OUT:-120}" grace="${GLM_MSRUN_GRACE:-10}"
-    if ((MULTI_NODE)); then node_rank="${NODE_RANK:-$((START / local_n))}"; else node_rank="${NODE_RANK:-0}"; fi
-    is_uint "$node_rank" || usage_error "NODE_RANK must be a non-negative integer, got '$node_rank'"
-    is_uint "$master_port" || usage_error "MASTER_PORT must be an integer, got '$master_port'"
+    local local_n=$((END - START)) node_rank="$NODE_RANK_" master_addr="$MASTER_ADDR_"
+    local master_port="$MASTER_PORT_" timeout="${CLUSTER_TIME_OUT:-120}" grace="${GLM_MSRUN_GRACE:-10}"
     local msrun="${MSRUN:-}"
     if [[ -z "$msrun" ]]; then
         if command -v msrun >/dev/null 2>&1; then msrun="$(command -v msrun)"; else msrun="$(dirname "$PYTHON")/msrun"; fi
@@ -266,10 +278,13 @@ launch_msrun() {
         --master_port="$master_port" --node_rank="$node_rank" --log_dir="$log_dir" --join=True
         --cluster_time_out="$timeout" "$GLM_ENTRY" "${ENTRY_ARGS[@]}")
     # msrun sets DEVICE_ID to the local index; on one machine, a range not starting at 0 is mapped
-    # through the visible-device list instead.
-    local envs=("RANK_SIZE=$RANK_SIZE")
-    if ((!MULTI_NODE && START > 0)) && [[ -z "${ASCEND_RT_VISIBLE_DEVICES:-}" ]]; then
-        envs+=("ASCEND_RT_VISIBLE_DEVICES=$(seq -s, "$START" $((END - 1)))")
+    # through the visible-device lists (Ascend, GPU) instead, unless the user set them.
+    local envs=("RANK_SIZE=$RANK_SIZE") visible var
+    if ((!MULTI_NODE && START > 0)); then
+        visible="$(seq -s, "$START" $((END - 1)))"
+        for var in ASCEND_RT_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES; do
+            if [[ -z "${!var:-}" ]]; then envs+=("$var=$visible"); fi
+        done
     fi
     if [[ "${GLM_LAUNCH_DRY_RUN:-0}" == 1 ]]; then
         for ((k = 0; k < local_n; k++)); do
@@ -345,7 +360,8 @@ supervise_msrun() {
 }
 
 main() {
-    parse_args "$@"
+    split_options "$@"
+    parse_args "${POSITIONAL[@]+"${POSITIONAL[@]}"}"
     find_python
     check_entry
     OUT="$(output_dir_of "$CONFIG")"

@@ -42,7 +42,9 @@ def job(tmp_path: Path):
     (tmp_path / "cfg.yaml").write_text("seed: 0\noutput_dir: 'out'   # relative to $PWD\nparallel:\n"
                                        "  output_dir: nested_is_ignored\n")
     write_rank_table(tmp_path / "rt.json", 2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKE_", "GLM_", "RANK_", "MS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKE_", "GLM_", "RANK_", "MS_"))
+           and k not in ("MASTER_ADDR", "NODE_RANK", "CLUSTER_TIME_OUT", "ASCEND_RT_VISIBLE_DEVICES",
+                         "CUDA_VISIBLE_DEVICES")}
     env.update(PYTHON=sys.executable, GLM_ENTRY=str(entry), GLM_KILL_TIMEOUT="3",
                MASTER_PORT=str(free_port()), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
 
@@ -280,3 +282,93 @@ def test_msrun_multi_node_dry_run(job) -> None:
     assert r.returncode == 0, r.stderr
     assert "--worker_num=4 --local_worker_num=2 --master_addr=10.0.0.1" in r.stdout
     assert "--node_rank=1" in r.stdout and "rank 3 (device 1): RANK_ID=3 DEVICE_ID=1" in r.stdout
+
+
+def test_msrun_single_node_offset_range(job) -> None:
+    # msrun numbers devices from 0 on every machine: devices 2,3 are reached through the visible-device lists.
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[2,4]", "eval")
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        env = fake_env(job.log(rank))
+        assert (env["RANK_ID"], env["DEVICE_ID"], env["RANK_SIZE"]) == (str(rank), str(rank), "2")
+        assert env["ASCEND_RT_VISIBLE_DEVICES"] == "2,3" and env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[2,4]", "eval", ASCEND_RT_VISIBLE_DEVICES="6,7")
+    assert r.returncode == 0, r.stderr
+    env = fake_env(job.log(1))
+    assert env["ASCEND_RT_VISIBLE_DEVICES"] == "6,7" and env["CUDA_VISIBLE_DEVICES"] == "2,3"  # the user's list wins
+    assert not pids_matching(job.marker)
+
+
+def test_msrun_second_node_runs(job) -> None:
+    # Node 1 of 2, for real through msrun with the stand-in (no cluster forms: the stand-in never connects).
+    port = free_port()
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[2,4]", "finetune", "--nodes", "2", "--master_addr",
+                "127.0.0.1", f"--master_port={port}", MASTER_PORT="1", FAKE_SLEEP="1")
+    assert r.returncode == 0, r.stderr
+    assert "(node 1, 4 ranks in all)" in r.stderr
+    for rank in (2, 3):
+        assert (job.out / "log" / f"rank_{rank}" / "glm.log").is_symlink()
+        env = fake_env(job.log(rank))
+        assert (env["MS_ROLE"], env["MS_NODE_ID"], env["RANK_ID"]) == ("MS_WORKER", str(rank), str(rank))
+        assert (env["DEVICE_ID"], env["RANK_SIZE"], env["MS_WORKER_NUM"]) == (str(rank - 2), "4", "4")
+        assert (env["MS_SCHED_HOST"], env["MS_SCHED_PORT"]) == ("127.0.0.1", str(port))  # the flags, not MASTER_PORT
+        assert env["ASCEND_RT_VISIBLE_DEVICES"] == "" and env["CUDA_VISIBLE_DEVICES"] == ""
+        assert env["ARGV"].endswith(f"--run_mode finetune --output_dir {job.out}")
+    assert not (job.out / "log" / "rank_0").exists() and not (job.out / "log" / "rank_1").exists()
+    assert not pids_matching(job.marker)
+
+
+def test_msrun_options_dry_run(job) -> None:
+    dry = {"GLM_LAUNCH_DRY_RUN": "1", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "7000", "NODE_RANK": "0"}
+    # the options win over the environment; `--opt VALUE` and `--opt=VALUE`, anywhere on the line
+    r = job.run(DISTRIBUTE, "--master_addr", "10.0.0.1", "none", "cfg.yaml", "[8,12]", "--nodes=3", "predict",
+                "data.json", "--master_port", "29500", "--node_rank", "2", **dry)
+    assert r.returncode == 0, r.stderr
+    assert ("--worker_num=12 --local_worker_num=4 --master_addr=10.0.0.1 --master_port=29500 --node_rank=2 "
+            in r.stdout)
+    assert "rank 11 (device 3): RANK_ID=11 DEVICE_ID=3 RANK_SIZE=12" in r.stdout
+    assert r.stdout.rstrip().endswith("--predict_data data.json")
+    # the environment still works without options; RANK_SIZE and --nodes may be given together
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[4,8]", "train", "8", "--nodes", "2",
+                **{**dry, "NODE_RANK": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "--worker_num=8 --local_worker_num=4 --master_addr=10.9.9.9 --master_port=7000 --node_rank=1 " in r.stdout
+    r = job.run(DISTRIBUTE, "--help")
+    assert r.returncode == 0 and "--master_port PORT" in r.stdout
+    assert not job.out.exists()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--master_port", "0"], {}, "master port must be a number from 1 to 65535, got '0'"),
+    (["--master_port=65536"], {}, "master port must be a number from 1 to 65535, got '65536'"),
+    ([], {"MASTER_PORT": "http"}, "master port must be a number from 1 to 65535, got 'http'"),
+    (["--master_addr", "10.0.0.1;reboot"], {}, "master address must be an IP address or a host name"),
+    (["--master_addr"], {}, "--master_addr needs a value"),
+    (["--master_port="], {}, "--master_port needs a value"),
+    (["--nodes", "0"], {}, "--nodes must be a positive integer, got '0'"),
+    (["--node_rank", "1"], {}, "--node_rank 1 must be smaller than the number of nodes (1)"),
+    (["--nodes", "2", "--node_rank", "2"], {}, "--node_rank 2 must be smaller than the number of nodes (2)"),
+    (["--nodes", "2", "--node_rank", "1"], {}, "--node_rank 1 disagrees with DEVICE_RANGE [0,2], which holds "
+                                               "the ranks of node 0; use [2,4]"),
+    (["--node_rank", "x"], {}, "--node_rank must be a non-negative integer, got 'x'"),
+    ([], {"NODE_RANK": "3"}, "NODE_RANK 3 must be smaller than the number of nodes (1)"),
+    (["6", "--nodes", "2"], {}, "--nodes 2 x 2 ranks per node (DEVICE_RANGE [0,2]) is 4 ranks, but RANK_SIZE is 6"),
+    (["5"], {}, "RANK_SIZE 5 is not a multiple of the 2 ranks per node"),
+    (["--bogus", "1"], {}, "unknown option --bogus"),
+    ([], {"CLUSTER_TIME_OUT": "soon"}, "CLUSTER_TIME_OUT must be a number of seconds"),
+])
+def test_msrun_bad_options(job, args: list[str], env: dict, message: str) -> None:
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", *args, GLM_LAUNCH_DRY_RUN="1", **env)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Usage: bash scripts/run_distribute.sh" in r.stderr
+    assert "[dry run]" not in r.stdout and not job.out.exists()
+
+
+def test_msrun_bad_range_for_nodes(job) -> None:
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[1,3]", "train", "4", GLM_LAUNCH_DRY_RUN="1")
+    assert r.returncode == 2 and "DEVICE_RANGE [1,3] is not one whole node: START must be a multiple of 2" in r.stderr
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[4,6]", "train", "--nodes", "2", GLM_LAUNCH_DRY_RUN="1")
+    assert r.returncode == 2 and "DEVICE_RANGE [4,6] is beyond the 4 ranks of --nodes 2" in r.stderr
+    # msrun options make no sense with a rank table
+    r = job.run(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
+    assert r.returncode == 2 and "--master_port is only for the msrun form" in r.stderr
