@@ -15,6 +15,9 @@ from glm import GLMError
 from glm.parallel import load_rank_table, validate_rank_table
 from glm.parallel import main as parallel_main
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.hccl_tools import parse_device_range  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 HCCL_TOOLS = REPO / "tools" / "hccl_tools.py"
 MERGE_HCCL = REPO / "tools" / "merge_hccl.py"
@@ -75,11 +78,62 @@ def test_hccl_tools_multi_digit_range(tmp_path: Path) -> None:
     ("[0,9)", "0 <= first < last <= 8"),
     ("[4,4)", "0 <= first < last <= 8"),
     ("0-8", "must look like [0,8)"),
+    ("[2,6)", "--device_num [2,6) crosses device 4"),
+    ("[0,5)", "--device_num [0,5) crosses device 4"),
+    ("[3,8)", "a range crossing 4 must be the whole server, [0,8) (or [0,16))"),
 ])
 def test_hccl_tools_bad_range(tmp_path: Path, device_num: str, message: str) -> None:
     r = run_tool(HCCL_TOOLS, "--device_num", device_num, "--device_ips", ips(1, 8), cwd=tmp_path)
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("device_num, per_node", [("[0,8)", 8), ("[0,4)", 8), ("[4,8)", 8), ("[3,4)", 8),
+                                                  ("[0,16)", 16), ("[4,16)", 16)])
+def test_hccl_tools_ranges_not_crossing_4(device_num: str, per_node: int) -> None:
+    first, last = parse_device_range(device_num, per_node)
+    assert (first, last) == tuple(int(x) for x in device_num.strip("[)").split(","))
+
+
+def test_hccl_tools_crossing_4_with_16_devices() -> None:
+    with pytest.raises(GLMError, match=r"\[0,12\) crosses device 4"):
+        parse_device_range("[0,12)", 16)
+
+
+def fake_hccn_tool(folder: Path, broken: tuple[int, ...] = ()) -> None:
+    """An `hccn_tool` that answers `-i ID -ip -g` like the real one (ipaddr/netmask lines)."""
+    tool = folder / "hccn_tool"
+    listed = " ".join(map(str, broken))
+    tool.write_text("#!/bin/sh\n"
+                    '[ "$1" = -i ] && [ "$3" = -ip ] && [ "$4" = -g ] || { echo "bad args: $*" >&2; exit 2; }\n'
+                    f'case " {listed} " in *" $2 "*) exit 1 ;; esac\n'
+                    'echo "ipaddr:192.98.92.$((100 + $2))"\n'
+                    'echo "netmask:255.255.255.0"\n')
+    tool.chmod(0o755)
+
+
+def test_hccl_tools_reads_hccn_tool(tmp_path: Path) -> None:
+    fake_hccn_tool(tmp_path)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = run_tool(HCCL_TOOLS, "--device_num", "[4,8)", "--server_ip", "10.0.0.1", "--hccn_conf",
+                 str(tmp_path / "missing.conf"), cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    devices = json.loads((tmp_path / "hccl_4p_4567_10.0.0.1.json").read_text())["server_list"][0]["device"]
+    assert [(d["device_id"], d["device_ip"], d["rank_id"]) for d in devices] == [
+        ("4", "192.98.92.104", "0"), ("5", "192.98.92.105", "1"), ("6", "192.98.92.106", "2"),
+        ("7", "192.98.92.107", "3")]
+
+
+def test_hccl_tools_falls_back_to_hccn_conf(tmp_path: Path) -> None:
+    fake_hccn_tool(tmp_path, broken=(1,))   # hccn_tool fails for device 1 only
+    conf = tmp_path / "hccn.conf"
+    conf.write_text("address_0=192.168.7.1\naddress_1=192.168.7.2\n")
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = run_tool(HCCL_TOOLS, "--device_num", "[0,2)", "--server_ip", "10.0.0.1", "--hccn_conf", str(conf),
+                 cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    devices = json.loads((tmp_path / "hccl_2p_01_10.0.0.1.json").read_text())["server_list"][0]["device"]
+    assert [d["device_ip"] for d in devices] == ["192.98.92.100", "192.168.7.2"]
 
 
 def test_hccl_tools_wrong_number_of_ips(tmp_path: Path) -> None:

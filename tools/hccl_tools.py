@@ -6,6 +6,7 @@
 Device IPs come from --device_ips (works on any machine), else `hccn_tool -i ID -ip -g`, else the
 `address_ID=IP` lines of /etc/hccn.conf. The output is ./hccl_{N}p_{ids}_{server_ip}.json unless
 --output is given. `--check FILE [--rank_size N]` validates an existing table instead.
+As in the reference, a range crossing device 4 must be the whole server: [0,8) or [0,16).
 Merge the tables of several servers with tools/merge_hccl.py.
 """
 
@@ -28,6 +29,7 @@ from glm import GLMError  # noqa: E402
 from glm.parallel import load_rank_table, rank_table_size, validate_rank_table  # noqa: E402
 
 HCCN_CONF = "/etc/hccn.conf"
+WHOLE_SERVER_RANGES = ((0, 8), (0, 16))
 
 
 def parse_device_range(text: str, per_node: int) -> tuple[int, int]:
@@ -38,6 +40,11 @@ def parse_device_range(text: str, per_node: int) -> tuple[int, int]:
     first, last = int(m.group(1)), int(m.group(2))
     if not 0 <= first < last <= per_node:
         raise GLMError(f"--device_num {text}: need 0 <= first < last <= {per_node} (--device_num_per_node)")
+    # Devices 0-3 and 4-7 of an Ascend server are separate HCCS rings (the reference's rule).
+    if first < 4 < last and (first, last) not in WHOLE_SERVER_RANGES:
+        raise GLMError(f"--device_num {text} crosses device 4: devices 0-3 and 4-7 are separate HCCS groups, "
+                       "so a range crossing 4 must be the whole server, [0,8) (or [0,16)); "
+                       "use a range within [0,4) or [4,8) instead")
     return first, last
 
 
