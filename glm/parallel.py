@@ -32,10 +32,13 @@ _PARALLEL_MODES = {
     "auto_parallel": "AUTO_PARALLEL",
     "stand_alone": "STAND_ALONE",
 }
-# Keys of the config's `parallel:` section that are handed to ms.set_auto_parallel_context as they are.
-_CONTEXT_KEYS = ("gradients_mean", "full_batch", "enable_parallel_optimizer", "search_mode",
-                 "strategy_ckpt_save_file", "strategy_ckpt_load_file", "loss_repeated_mean",
-                 "enable_alltoall", "dataset_strategy", "pipeline_stages")
+# Keys of the config's `parallel:` section handed to ms.set_auto_parallel_context as they are (when not
+# None) in semi-auto/auto parallel; full_batch, pipeline_stages and the strategy files are resolved first.
+_CONTEXT_KEYS = ("gradients_mean", "enable_parallel_optimizer", "search_mode", "loss_repeated_mean",
+                 "enable_alltoall", "parallel_optimizer_config")
+SEMI_AUTO_FULL_BATCH_ERROR = (
+    "semi-auto/auto parallel needs parallel.full_batch: True (and dataset_strategy unset or 'full_batch'): "
+    "every rank reads the whole batch and MindSpore slices it; per-rank data slices are not supported")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +163,61 @@ def check_parallel_support(cfg_parallel: dict[str, Any], parallel_config: dict[s
     pp = _as_int(parallel_config, "pipeline_stage")
     if device_target.upper() == "CPU" and (mp > 1 or pp > 1 or mode in _SEMI_AUTO_MODES):
         raise GLMError(CPU_PARALLEL_ERROR)
+    if mode in _SEMI_AUTO_MODES and not _full_batch(cfg_parallel):
+        raise GLMError(SEMI_AUTO_FULL_BATCH_ERROR)
     return mode
+
+
+def _full_batch(cfg_parallel: dict[str, Any]) -> bool:
+    """Whether every rank loads the whole batch (dataset_strategy, when set, wins over full_batch)."""
+    strategy = cfg_parallel.get("dataset_strategy")
+    if strategy is not None:
+        return strategy == "full_batch"
+    return bool(cfg_parallel.get("full_batch", True))
+
+
+def data_parallel_plan(cfg: dict[str, Any], world: int, device_target: str) -> tuple[bool, bool]:
+    """(shard_data, own_reducer) for the trainer on `world` ranks.
+
+    Data parallel (the only mode on CPU): each rank reads its shard of the data and the trainer
+    averages the gradients itself (DistributedGradReducer). Semi-auto/auto parallel on Ascend/GPU:
+    every rank reads the full batch (full_batch) and MindSpore inserts the gradient communication
+    while compiling, so the trainer does neither.
+    """
+    if world <= 1:
+        return False, False
+    mode = check_parallel_support(cfg.get("parallel") or {}, cfg.get("parallel_config") or {}, device_target)
+    if mode in _SEMI_AUTO_MODES:
+        return False, False
+    return True, True
+
+
+def semi_auto_context(cfg_parallel: dict[str, Any], parallel_config: dict[str, Any],
+                      rank: int) -> dict[str, Any]:
+    """The ms.set_auto_parallel_context arguments (besides parallel_mode, device_num) for semi-auto.
+
+    None values (unset in the config) are left to MindSpore's defaults. The strategy file is saved
+    per rank (`ckpt_strategy.ckpt` -> `ckpt_strategy_rank_3.ckpt`, as the reference), so the ranks'
+    files do not overwrite each other and tools/transform_ckpt.py can merge their directory.
+    """
+    cfg_parallel = cfg_parallel or {}
+    kwargs: dict[str, Any] = {k: cfg_parallel[k] for k in _CONTEXT_KEYS if cfg_parallel.get(k) is not None}
+    kwargs["full_batch"] = True   # check_parallel_support refuses anything else
+    stages = _as_int(parallel_config or {}, "pipeline_stage")
+    if cfg_parallel.get("pipeline_stages") is not None and int(cfg_parallel["pipeline_stages"]) != stages:
+        raise GLMError(f"parallel.pipeline_stages {cfg_parallel['pipeline_stages']} disagrees with "
+                       f"parallel_config.pipeline_stage {stages}; set only parallel_config.pipeline_stage")
+    kwargs["pipeline_stages"] = stages
+    strategy = dict(cfg_parallel.get("strategy_ckpt_config") or {})
+    for flat, key in (("strategy_ckpt_save_file", "save_file"), ("strategy_ckpt_load_file", "load_file")):
+        if cfg_parallel.get(flat):   # the older flat keys win when set
+            strategy[key] = cfg_parallel[flat]
+    if strategy.get("save_file"):
+        root, ext = os.path.splitext(strategy["save_file"])
+        strategy["save_file"] = f"{root}_rank_{rank}{ext or '.ckpt'}"
+    if strategy:
+        kwargs["strategy_ckpt_config"] = strategy
+    return kwargs
 
 
 def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, Any],
@@ -169,7 +226,8 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
 
     On CPU only data parallel works (backend mccl, started by msrun). On Ascend/GPU the
     `parallel:` settings (parallel_mode, full_batch, strategy files, ...) are passed through to
-    ``ms.set_auto_parallel_context``.
+    ``ms.set_auto_parallel_context`` (see `semi_auto_context`); `data_parallel_plan` tells the
+    trainer what it must do itself in each mode.
     """
     mode = check_parallel_support(cfg_parallel, parallel_config, device_target)
     cfg_parallel = cfg_parallel or {}
@@ -189,10 +247,10 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
                                      gradients_mean=bool(cfg_parallel.get("gradients_mean", True)),
                                      device_num=world)
     else:
-        kwargs: dict[str, Any] = {k: cfg_parallel[k] for k in _CONTEXT_KEYS if k in cfg_parallel}
-        kwargs.setdefault("pipeline_stages", _as_int(parallel_config or {}, "pipeline_stage"))
+        # Pass-through: the model carries no per-operator shard strategies; MindSpore's semi-auto
+        # parallel (sharding propagation) decides, on Ascend/GPU only (untested here: CPU-only CI).
         ms.set_auto_parallel_context(parallel_mode=getattr(ms.ParallelMode, _PARALLEL_MODES[mode]),
-                                     device_num=world, **kwargs)
+                                     device_num=world, **semi_auto_context(cfg_parallel, parallel_config, rank))
     return rank, world
 
 

@@ -55,8 +55,12 @@ class Trainer:
         self.save_steps = int(ckpt_cb.get("save_checkpoint_steps", 1000) or 0)
         self.keep = int(ckpt_cb.get("keep_checkpoint_max", 1) or 1)
 
-        # Data: every rank preprocesses the file; sharding picks its rows.
-        shards = (self.proc.world, self.proc.rank) if self.proc.world > 1 else (None, None)
+        # Data: every rank preprocesses the file; sharding picks its rows (data parallel only: in
+        # semi-auto parallel every rank reads the full batch and MindSpore inserts the gradient reduction).
+        from glm.parallel import data_parallel_plan
+
+        shard_data, own_reducer = data_parallel_plan(cfg, self.proc.world, self.proc.device_target)
+        shards = (self.proc.world, self.proc.rank) if shard_data else (None, None)
         self.model, self.lora = build_model(cfg)
         self.data = build_dataset(dataset_section(cfg, "train_dataset"), batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
@@ -77,7 +81,7 @@ class Trainer:
         wrapper = cfg.get("runner_wrapper") or {}
         clip = float(wrapper.get("max_grad_norm", 1.0) or 1.0) if wrapper.get("use_clip_grad", True) else None
         reducer = None
-        if self.proc.world > 1:
+        if own_reducer:
             reducer = ms.nn.DistributedGradReducer(params, mean=True, degree=self.proc.world)
         self.step_fn = TrainStep(self.model, self.optimizer, clip, self.loss_scale, self.accumulate, reducer)
         self.global_step, self.start_epoch, self.skip = 0, 0, 0

@@ -1,4 +1,5 @@
-"""glm.parallel: CPU refusal of model/pipeline parallel, and tools/transform_ckpt.py (data-parallel merge)."""
+"""glm.parallel: CPU refusal of model/pipeline parallel, the semi-auto pass-through (mocked: it needs
+Ascend/GPU), the trainer's data-parallel plan, and tools/transform_ckpt.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 
 import glm.runtime  # noqa: F401  (sets GLOG_v before mindspore is imported)
 from glm import GLMError
-from glm.parallel import CPU_PARALLEL_ERROR, check_parallel_support, init_distributed
+from glm.parallel import (
+    CPU_PARALLEL_ERROR,
+    SEMI_AUTO_FULL_BATCH_ERROR,
+    check_parallel_support,
+    data_parallel_plan,
+    init_distributed,
+    semi_auto_context,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import transform_ckpt  # noqa: E402
@@ -38,6 +46,134 @@ def test_parallel_support_accepts() -> None:
         check_parallel_support({"parallel_mode": "tensor"}, {}, "Ascend")
     with pytest.raises(GLMError, match="model_parallel"):
         check_parallel_support({}, {"model_parallel": "two"}, "CPU")
+
+
+# ----------------------------------------------------------------------------------------------
+# semi-auto parallel pass-through (Ascend/GPU): what reaches ms.set_auto_parallel_context
+# ----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides: str, path: str = "configs/glm3/run_glm3_6b.yaml") -> dict:
+    from glm.config import load_config
+
+    return load_config(REPO / path, list(overrides))
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch: pytest.MonkeyPatch):
+    """Communication init and the auto-parallel context replaced by recorders (rank 3 of 8)."""
+    import mindspore as ms
+    import mindspore.communication as comm
+
+    calls: dict = {"init": 0, "context": []}
+    monkeypatch.setattr(comm, "init", lambda *a, **k: calls.__setitem__("init", calls["init"] + 1))
+    monkeypatch.setattr(comm, "get_rank", lambda *a, **k: 3)
+    monkeypatch.setattr(comm, "get_group_size", lambda *a, **k: 8)
+    monkeypatch.setattr(ms, "reset_auto_parallel_context", lambda: None)
+    monkeypatch.setattr(ms, "set_auto_parallel_context", lambda **kw: calls["context"].append(kw))
+    return calls
+
+
+def test_semi_auto_pass_through(fake_cluster) -> None:
+    import mindspore as ms
+
+    cfg = _cfg("parallel_config.model_parallel=2", "parallel_config.pipeline_stage=2",
+               "parallel.strategy_ckpt_config.save_file=./strategy/ckpt_strategy.ckpt")
+    assert cfg["parallel"]["pipeline_stages"] is None and cfg["parallel"]["dataset_strategy"] is None
+    assert init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend") == (3, 8)
+    assert fake_cluster["init"] == 1
+    [kw] = fake_cluster["context"]
+    assert kw == {
+        "parallel_mode": ms.ParallelMode.SEMI_AUTO_PARALLEL, "device_num": 8,
+        "pipeline_stages": 2, "full_batch": True, "gradients_mean": False, "loss_repeated_mean": True,
+        "enable_alltoall": False, "enable_parallel_optimizer": True, "search_mode": "sharding_propagation",
+        "strategy_ckpt_config": {"save_file": "./strategy/ckpt_strategy_rank_3.ckpt", "load_file": "",
+                                 "only_trainable_params": True},
+    }
+    # MindSpore's own argument checks accept every value (a None left in would raise TypeError here).
+    import mindspore.parallel._auto_parallel_context as apc
+
+    try:
+        for key, value in kw.items():
+            apc._set_auto_parallel_context_func_map[key](value)
+        assert apc.auto_parallel_context().get_pipeline_stages() == 2
+    finally:
+        apc.auto_parallel_context().reset()
+
+
+def test_semi_auto_strategy_files_and_stages(fake_cluster) -> None:
+    import mindspore as ms
+
+    cfg = _cfg("parallel.parallel_mode=auto_parallel", "parallel.strategy_ckpt_load_file=/s/merged.ckpt",
+               "parallel.strategy_ckpt_save_file=/s/out", "parallel.pipeline_stages=4",
+               "parallel_config.pipeline_stage=4", "parallel.dataset_strategy=full_batch")
+    init_distributed(cfg["parallel"], cfg["parallel_config"], "GPU")
+    [kw] = fake_cluster["context"]
+    assert kw["parallel_mode"] == ms.ParallelMode.AUTO_PARALLEL and kw["pipeline_stages"] == 4
+    assert kw["strategy_ckpt_config"]["load_file"] == "/s/merged.ckpt"     # flat keys win over the dict
+    assert kw["strategy_ckpt_config"]["save_file"] == "/s/out_rank_3.ckpt"
+    assert "dataset_strategy" not in kw and kw["full_batch"] is True
+    with pytest.raises(GLMError, match="pipeline_stages 2 disagrees with parallel_config.pipeline_stage 4"):
+        semi_auto_context({"pipeline_stages": 2}, {"pipeline_stage": 4}, 0)
+
+
+def test_data_parallel_context_unchanged(fake_cluster) -> None:
+    import mindspore as ms
+
+    cfg = _cfg("parallel.parallel_mode=0", "parallel.gradients_mean=True")
+    init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend")
+    assert fake_cluster["context"] == [{"parallel_mode": ms.ParallelMode.DATA_PARALLEL, "gradients_mean": True,
+                                        "device_num": 8}]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.full_batch=False"],
+    ["parallel.dataset_strategy=data_parallel"],
+    ["parallel.dataset_strategy=[[2, 1], [2, 1]]"],
+])
+def test_semi_auto_refuses_sliced_batches(fake_cluster, overrides: list[str]) -> None:
+    cfg = _cfg(*overrides)
+    with pytest.raises(GLMError) as e:
+        init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend")
+    assert str(e.value) == SEMI_AUTO_FULL_BATCH_ERROR
+    assert fake_cluster["init"] == 0   # refused before communication starts
+
+
+@pytest.mark.parametrize("overrides, target, world, plan", [
+    ([], "Ascend", 1, (False, False)),                                            # one process
+    (["parallel.parallel_mode=0"], "CPU", 2, (True, True)),                       # data parallel
+    (["parallel.parallel_mode=data_parallel", "parallel.full_batch=True"], "GPU", 8, (True, True)),
+    (["parallel.parallel_mode=1", "parallel_config.model_parallel=2"], "Ascend", 8, (False, False)),
+    (["parallel.parallel_mode=auto_parallel"], "GPU", 4, (False, False)),
+])
+def test_data_parallel_plan(overrides: list[str], target: str, world: int, plan: tuple[bool, bool]) -> None:
+    assert data_parallel_plan(_cfg(*overrides), world, target) == plan
+
+
+def test_data_parallel_plan_refusals() -> None:
+    with pytest.raises(GLMError, match="needs Ascend or GPU"):
+        data_parallel_plan(_cfg("parallel.parallel_mode=1"), 2, "CPU")
+    with pytest.raises(GLMError, match="full_batch: True"):
+        data_parallel_plan(_cfg("parallel.parallel_mode=1", "parallel.full_batch=False"), 2, "Ascend")
+
+
+@pytest.mark.parametrize("mode, target, sharded", [(1, "Ascend", False), (0, "CPU", True)])
+def test_trainer_follows_the_plan(tmp_path: Path, mode: int, target: str, sharded: bool) -> None:
+    """Rank 1 of 2 (no communication needed to build the trainer): data parallel shards the data and
+    reduces gradients itself; semi-auto reads the full batch and leaves the reduction to MindSpore."""
+    from glm.build import Process
+    from glm.train import Trainer
+
+    cfg = _cfg(f"parallel.parallel_mode={mode}", f"output_dir={tmp_path}", path="configs/glm2/run_glm2_tiny.yaml")
+    trainer = Trainer(cfg, "train", proc=Process(rank=1, world=2, device_target=target))
+    if sharded:
+        assert (trainer.data.num_shards, trainer.data.shard_id) == (2, 1)
+        assert type(trainer.step_fn.reducer).__name__ == "DistributedGradReducer"
+    else:
+        assert trainer.data.num_shards is None and trainer.data.shard_id is None
+        assert trainer.step_fn.reducer is None
 
 
 # ----------------------------------------------------------------------------------------------
