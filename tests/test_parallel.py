@@ -271,3 +271,106 @@ def test_missing_strategy_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert transform_ckpt.main(["--src_ckpt_strategy", str(tmp_path / "nope.ckpt"), "--src_ckpt_dir",
                                 str(tmp_path), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
     assert "--src_ckpt_strategy" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# transform_ckpt with strategy files: MindSpore's functions mocked (sharded checkpoints need Ascend/GPU)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ms_transform(monkeypatch: pytest.MonkeyPatch):
+    import mindspore as ms
+
+    calls: dict = {"merge": [], "transform": []}
+
+    def merge(src_dir: str, dst_file: str) -> None:
+        calls["merge"].append((src_dir, dst_file))
+        Path(dst_file).write_bytes(b"merged")
+
+    monkeypatch.setattr(ms, "merge_pipeline_strategys", merge)
+    monkeypatch.setattr(ms, "transform_checkpoints", lambda *a: calls["transform"].append(a))
+    return calls
+
+
+def _sharded(tmp_path: Path) -> Path:
+    src = tmp_path / "output" / "checkpoint_network"
+    for rank in (0, 1):
+        _save(src / f"rank_{rank}" / f"glm_rank_{rank}-network.ckpt", _params(rank))
+    return src
+
+
+def test_strategy_directory_is_merged_first(tmp_path: Path, ms_transform: dict) -> None:
+    src, dst, strategy = _sharded(tmp_path), tmp_path / "merged", tmp_path / "output" / "strategy"
+    strategy.mkdir()
+    for rank in (0, 1):
+        (strategy / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(b"s")
+    assert transform_ckpt.main(["--src_ckpt_strategy", str(strategy), "--src_ckpt_dir", str(src),
+                                "--dst_ckpt_dir", str(dst), "--prefix", "glm2_6b"]) == 0
+    merged = str(strategy / "merged_ckpt_strategy.ckpt")
+    assert ms_transform["merge"] == [(str(strategy), merged)]
+    assert ms_transform["transform"] == [(str(src), str(dst), "glm2_6b", merged, None)]
+    assert dst.is_dir()
+
+
+@pytest.mark.parametrize("dst_strategy", [None, "", "None", "none"])
+def test_strategy_file_and_none_destination(tmp_path: Path, ms_transform: dict, dst_strategy) -> None:
+    src, strategy = _sharded(tmp_path), tmp_path / "strategy.ckpt"
+    strategy.write_bytes(b"s")
+    argv = ["--src_ckpt_strategy", str(strategy), "--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]
+    if dst_strategy is not None:
+        argv += ["--dst_ckpt_strategy", dst_strategy]
+    assert transform_ckpt.main(argv) == 0
+    assert ms_transform["merge"] == []   # a file is used as it is
+    assert ms_transform["transform"] == [(str(src), str(tmp_path / "o"), "checkpoint_", str(strategy), None)]
+
+
+def test_destination_strategy_directory(tmp_path: Path, ms_transform: dict) -> None:
+    src, a, b = _sharded(tmp_path), tmp_path / "a.ckpt", tmp_path / "dst_strategy"
+    a.write_bytes(b"s")
+    b.mkdir()
+    assert transform_ckpt.main(["--src_ckpt_strategy", str(a), "--dst_ckpt_strategy", str(b), "--src_ckpt_dir",
+                                str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 0
+    assert ms_transform["merge"] == [(str(b), str(b / "merged_ckpt_strategy.ckpt"))]
+    assert ms_transform["transform"][0][3:] == (str(a), str(b / "merged_ckpt_strategy.ckpt"))
+
+
+def test_no_source_strategy_never_calls_transform(tmp_path: Path, ms_transform: dict,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    src, strategy = _sharded(tmp_path), tmp_path / "s.ckpt"
+    strategy.write_bytes(b"s")
+    assert transform_ckpt.main(["--src_ckpt_strategy", "None", "--dst_ckpt_strategy", str(strategy),
+                                "--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+    assert "slicing a complete checkpoint needs --src_ckpt_strategy" in capsys.readouterr().err
+    assert ms_transform == {"merge": [], "transform": []}
+
+
+def _training_state(src: Path, with_meta: bool) -> None:
+    import mindspore as ms
+
+    from glm.checkpoint import save_atomic
+
+    for rank in (0, 1):
+        items = [{"name": k, "data": ms.Tensor(v)} for k, v in _params(0).items()]
+        items += [{"name": f"adam_{m}.embedding.weight", "data": ms.Tensor(np.zeros((8, 4), np.float32))}
+                  for m in "mv"]
+        path = src / f"rank_{rank}" / f"glm_rank_{rank}-1_4.ckpt"
+        if with_meta:
+            save_atomic(items, path, {"kind": "train_state", "global_step": 4})
+        else:
+            _save(path, {i["name"]: i["data"].asnumpy() for i in items})
+
+
+@pytest.mark.parametrize("with_meta, strategy", [(True, False), (False, False), (True, True)])
+def test_training_state_checkpoints_are_refused(tmp_path: Path, ms_transform: dict, capsys: pytest.CaptureFixture,
+                                                with_meta: bool, strategy: bool) -> None:
+    src = tmp_path / "output" / "checkpoint"
+    _training_state(src, with_meta)
+    argv = ["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]
+    if strategy:
+        (tmp_path / "output" / "strategy").mkdir()
+        argv += ["--src_ckpt_strategy", str(tmp_path / "output" / "strategy")]
+    assert transform_ckpt.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "glm_rank_0-1_4.ckpt is a training-state checkpoint" in err and len(err.splitlines()) == 1
+    assert f"--src_ckpt_dir {tmp_path / 'output' / 'checkpoint_network'}" in err
+    assert ms_transform == {"merge": [], "transform": []} and not (tmp_path / "o").exists()

@@ -12,6 +12,10 @@ output is DST_CKPT_DIR/rank_K/{prefix}K.ckpt.
 * Without one (data-parallel runs save no strategy), every rank already holds the complete model: the
   ranks are checked to have the same parameter names and shapes (and, with --check_values, the same
   values), and rank 0's checkpoint is written as DST_CKPT_DIR/rank_0/{prefix}0.ckpt.
+
+Merge the weights-only files of OUTPUT_DIR/checkpoint_network/. The training-state files of
+OUTPUT_DIR/checkpoint/ (trainable weights + AdamW moments + loss scale, for resuming) are refused: they
+hold no frozen weights (LoRA) and their optimizer entries are not model weights.
 """
 
 from __future__ import annotations
@@ -56,18 +60,57 @@ def find_rank_checkpoints(src_dir: str) -> dict[int, str]:
     return found
 
 
-def resolve_strategy(value: str | None, what: str) -> str | None:
-    """None for ''/'None'; a directory is merged into DIR/merged_ckpt_strategy.ckpt first."""
+def refuse_training_state(path: str, src_dir: str) -> None:
+    """GLMError when `path` is a training-state checkpoint (glm_meta kind train_state, or optimizer moments)."""
+    import json
+
+    import mindspore as ms
+
+    names: list[str] = []
+
+    def keep(name: str) -> bool:   # reads only the names and the metadata string, no tensor
+        names.append(name)
+        return name == "glm_meta"
+
+    try:
+        meta_raw = ms.load_checkpoint(path, choice_func=keep).get("glm_meta")
+    except (ValueError, RuntimeError, OSError) as e:
+        if names:   # readable, but without glm_meta MindSpore complains that nothing was chosen
+            meta_raw = None
+        else:
+            raise GLMError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        kind = json.loads(meta_raw).get("kind") if isinstance(meta_raw, str) else None
+    except (ValueError, AttributeError):
+        kind = None
+    moments = [n for n in names if n.startswith(("adam_m.", "adam_v.", "moment1.", "moment2."))]
+    if kind != "train_state" and not moments:
+        return
+    src = os.path.normpath(src_dir)
+    network = os.path.join(os.path.dirname(src), "checkpoint_network") if os.path.basename(src) == "checkpoint" \
+        else "OUTPUT_DIR/checkpoint_network"
+    raise GLMError(f"{path} is a training-state checkpoint (weights + optimizer moments, for resuming), not a "
+                   f"weights file; merge the weights-only files instead: --src_ckpt_dir {network}")
+
+
+def strategy_arg(value: str | None, what: str) -> str | None:
+    """None for ''/'None'; otherwise the path, which must exist (a file, or a directory of files)."""
     if value is None or value.strip() in ("", "None", "none"):
         return None
-    if os.path.isdir(value):
+    if not os.path.exists(value):
+        raise GLMError(f"{what} {value}: no such file or directory")
+    return value
+
+
+def resolve_strategy(value: str | None, what: str) -> str | None:
+    """None for ''/'None'; a directory is merged into DIR/merged_ckpt_strategy.ckpt first."""
+    value = strategy_arg(value, what)
+    if value is not None and os.path.isdir(value):
         import mindspore as ms
 
         merged = os.path.join(value, MERGED_STRATEGY)
         ms.merge_pipeline_strategys(value, merged)
         return merged
-    if not os.path.isfile(value):
-        raise GLMError(f"{what} {value}: no such file or directory")
     return value
 
 
@@ -137,15 +180,19 @@ def transform(src_strategy: str | None, dst_strategy: str | None, src_dir: str, 
     """The command: DP merge without a source strategy, ms.transform_checkpoints otherwise."""
     if not dst_dir:
         raise GLMError("--dst_ckpt_dir is required")
-    src = resolve_strategy(src_strategy, "--src_ckpt_strategy")
-    dst = resolve_strategy(dst_strategy, "--dst_ckpt_strategy")
-    if src is None:
-        if dst is not None:
+    # Every check before anything is written (merging a strategy directory writes into it).
+    src_arg = strategy_arg(src_strategy, "--src_ckpt_strategy")
+    dst_arg = strategy_arg(dst_strategy, "--dst_ckpt_strategy")
+    if src_arg is None:
+        if dst_arg is not None:
             raise GLMError("slicing a complete checkpoint needs --src_ckpt_strategy too; "
                            "load it with the destination strategy instead (auto_trans_ckpt)")
+        refuse_training_state(find_rank_checkpoints(src_dir)[0], src_dir)
         merge_data_parallel(src_dir, dst_dir, prefix, check_values)
         return
-    find_rank_checkpoints(src_dir)  # clear errors before MindSpore's
+    refuse_training_state(find_rank_checkpoints(src_dir)[0], src_dir)  # clear errors before MindSpore's
+    src = resolve_strategy(src_arg, "--src_ckpt_strategy")
+    dst = resolve_strategy(dst_arg, "--dst_ckpt_strategy")
     import mindspore as ms
 
     os.makedirs(dst_dir, exist_ok=True)
