@@ -143,6 +143,21 @@ def test_lora_adapter_that_does_not_fit(adapter, tmp_path, config, overrides, ex
     assert not (tmp_path / "predict_results.jsonl").exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.model_config.pet_config.lora_rank=16"],
+     ["adapter lora_rank is 8 but model.model_config.pet_config.lora_rank is 16"]),
+    (["model.model_config.pet_config.target_modules=.*dense_h_to_4h"],
+     ["adapter target_modules is '.*query_key_value.*'", "pet_config.target_modules is '.*dense_h_to_4h'"]),
+], ids=["rank", "targets"])
+def test_lora_adapter_that_does_not_fit_when_finetuning(adapter, tmp_path, overrides, expected):
+    """Continuing to train an adapter under a pet_config it was not made with fails before any step."""
+    proc = run_glm("--config", TINY2_LORA, "--run_mode", "finetune", "--load_checkpoint", adapter, "--max_steps", "1",
+                   "--output_dir", str(tmp_path), *overrides, check=False)
+    one_line_error(proc, adapter, *expected)
+    assert proc.returncode == 2
+    assert not list(tmp_path.glob("**/*.ckpt")) and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_internal_errors_are_one_line_too_unless_debugging(tmp_path):
     """A bug (not bad input) still ends in one line pointing at GLM_DEBUG; GLM_DEBUG=1 shows the traceback."""
     (tmp_path / "sitecustomize.py").write_text(
