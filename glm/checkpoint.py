@@ -4,7 +4,8 @@ Layout (as the reference): `<output_dir>/checkpoint/rank_<r>/<prefix>_rank_<r>-<
 Each file carries the trainable weights, the optimizer moments, the loss-scale state and a JSON
 `glm_meta` string (global step, epoch, data position, seeds, LoRA settings, the resolved config).
 A file is written under a hidden temporary name with a CRC and renamed when complete, so a killed
-process never leaves a file that looks loadable.
+process never leaves a file that looks loadable. The temporary name carries the writer's host and PID
+(`.<name>.partial-<host>-<pid>.ckpt`); the next run removes those whose process is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,6 +23,8 @@ from glm.runtime import ms
 
 FORMAT = "glm-launcher/1"
 _NAME = re.compile(r"^(?P<prefix>.+)_rank_(?P<rank>\d+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+# `-<host>` is optional: files written before the host was recorded have only the PID.
+_PARTIAL = re.compile(r"^\..+\.partial-(?:(?P<host>.+)-)?(?P<pid>\d+)\.ckpt$")
 
 
 def rank_dir(output_dir: str | Path, rank: int, kind: str = "checkpoint") -> Path:
@@ -35,7 +39,7 @@ def save_atomic(items: list[dict], path: str | Path, meta: Optional[dict] = None
     """Write `[{"name", "data"}]` (+ meta) to `path` via a hidden temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.ckpt")
+    tmp = path.with_name(f".{path.stem}.partial-{socket.gethostname()}-{os.getpid()}.ckpt")
     append = {"glm_meta": json.dumps({"format": FORMAT, **(meta or {})}, default=str)}
     try:
         ms.save_checkpoint(items, str(tmp), append_dict=append, crc_check=True)
@@ -70,6 +74,38 @@ def prune(directory: str | Path, keep: int) -> list[Path]:
     for f in doomed:
         f.unlink(missing_ok=True)
     return doomed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(directory: str | Path) -> list[Path]:
+    """Delete temporary checkpoint files left by a killed writer: those written on this host by a PID
+    that no longer exists. A live process's file, or another host's (a shared disk), is left alone."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    host = socket.gethostname()
+    removed = []
+    for f in d.iterdir():
+        m = _PARTIAL.match(f.name)
+        if not m or (m["host"] is not None and m["host"] != host) or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(f)
+    return removed
 
 
 def load_state(path: str | Path) -> tuple[dict, dict]:

@@ -4,8 +4,9 @@
         fetch `gradient_accumulation_steps` micro-batches -> TrainStep.run -> log -> checkpoint
 
 Checkpoints carry everything needed to continue exactly (weights, AdamW moments, loss scale, step,
-epoch and position in the epoch); the data order is a pure function of (seed, epoch, rank), so a
-resumed run sees the batches the uninterrupted run would have seen.
+epoch and position in the epoch, the dropout random state); the data order is a pure function of
+(seed, epoch, rank), so a resumed run sees the batches the uninterrupted run would have seen, and
+dropout masks are a pure function of (seed, rank, call count) (see glm/dropout.py).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from glm.checkpoint import (
     params_to_items,
     prune,
     rank_dir,
+    remove_stale_partials,
     resume_state,
     save_atomic,
 )
 from glm.config import callback, dataset_section, save_resolved
 from glm.dataset import build_dataset
+from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule
 from glm.runtime import ms
@@ -62,6 +65,8 @@ class Trainer:
         shard_data, own_reducer = data_parallel_plan(cfg, self.proc.world, self.proc.device_target)
         shards = (self.proc.world, self.proc.rank) if shard_data else (None, None)
         self.model, self.lora = build_model(cfg)
+        # Dropout masks from a saveable counter instead of the kernel's hidden RNG (exact resume).
+        self.dropout_rng = use_counted_dropout(self.model, int(cfg.get("seed", 0) or 0), self.proc.rank)
         self.data = build_dataset(dataset_section(cfg, "train_dataset"), batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
                                   shard_id=shards[1])
@@ -99,7 +104,8 @@ class Trainer:
 
     def _state_params(self) -> list:
         params = list(self.optimizer.params) + list(self.optimizer.exp_avg) + list(self.optimizer.exp_avg_sq)
-        return params + (self.loss_scale.parameters() if self.loss_scale else [])
+        params += self.loss_scale.parameters() if self.loss_scale else []
+        return params + ([self.dropout_rng.counter] if self.dropout_rng else [])
 
     def resume(self, resume) -> None:
         found = resume_state(resume, self.out, self.proc.rank) if resume else None
@@ -111,6 +117,10 @@ class Trainer:
             return
         path, params, meta = found
         own = {p.name: p for p in self._state_params()}
+        if COUNTER_NAME in own and COUNTER_NAME not in params:   # written before dropout state was saved
+            print(f"warning: {path} has no dropout random state; dropout masks will differ from the "
+                  "uninterrupted run", file=sys.stderr)
+            own.pop(COUNTER_NAME)
         missing = [n for n in own if n not in params]
         if missing:
             raise GLMError(f"--resume_training {path}: not a training checkpoint of this config "
@@ -130,6 +140,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        for kind in ("checkpoint", "checkpoint_network"):
+            for f in remove_stale_partials(rank_dir(self.out, self.proc.rank, kind)):
+                print(f"removed {f}: a temporary file left by a killed run", flush=True)
         if self.proc.is_main:
             save_resolved(self.cfg, self.out)
             write_json_atomic(self.data.stats, self.out / "data_stats.json")
@@ -163,7 +176,6 @@ class Trainer:
                         loss = self._all_sum(loss * sum(weights)) / self.proc.world
                     dt, t_prev = time.perf_counter() - t_prev, time.perf_counter()
                     self.global_step += 1
-                    self._check_finite(loss, finite)
                     first_loss = loss if first_loss is None else first_loss
                     last_loss = loss
                     ntok = sum(ids.shape[0] * ids.shape[1] for ids, _ in micro)
@@ -177,6 +189,7 @@ class Trainer:
                         rec["loss_scale"] = float(self.loss_scale.scaler.scale_value.asnumpy())
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+                    self._check_finite(loss, finite, norm)   # after logging: the bad step is in the log
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
                     if bar.disable and self.proc.is_main and (self.global_step % self.log_interval == 0
@@ -216,15 +229,17 @@ class Trainer:
     def _all_sum(value: float) -> float:
         return float(ms.ops.AllReduce()(ms.Tensor(np.array([value], np.float32))).asnumpy()[0])
 
-    def _check_finite(self, loss: float, finite: bool) -> None:
+    def _check_finite(self, loss: float, finite: bool, norm: float) -> None:
+        """Stop on a non-finite loss, or (without loss scaling, where an overflow just skips the step) on
+        non-finite gradients; the message says which, and names the checkpoint to go back to."""
         if math.isfinite(loss) and (finite or self.loss_scale):
             return
-        last = self.last_checkpoint or "none saved yet"
-        raise GLMError(f"step {self.global_step}: loss is {loss} (non-finite); stopping. Last good checkpoint: "
-                       f"{last}. Lower optimizer/lr_schedule learning_rate or enable gradient clipping")
+        raise GLMError(nonfinite_message(self.global_step, loss, norm, self.last_checkpoint))
 
     def _meta(self, kind: str, **extra) -> dict:
-        return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0),
+        rng = {"seed": self.cfg.get("seed", 0), "rank": self.proc.rank,
+               "dropout_counter": self.dropout_rng.value() if self.dropout_rng else None}
+        return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0), "rng": rng,
                 "lora": self.lora, "base_checkpoint": self.base_checkpoint if self.lora else None,
                 "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
 
@@ -242,6 +257,18 @@ class Trainer:
             f"{self.prefix}_rank_{self.proc.rank}-{kind}.ckpt"
         params = self.model.trainable_params() if self.lora else self.model.get_parameters()
         return save_atomic(params_to_items(params), path, self._meta(kind))
+
+
+def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Optional[Path]) -> str:
+    if math.isfinite(loss):
+        what = (f"the gradients are non-finite (grad norm {norm}) although the loss is finite ({loss:.6g}); "
+                "the update was skipped")
+    else:
+        what = f"the loss is {loss}"
+    last = (f"last good checkpoint: {last_checkpoint}" if last_checkpoint
+            else "no checkpoint was saved before this step")
+    return (f"step {step}: {what}; training stopped, {last}. Lower optimizer/lr_schedule learning_rate, "
+            "enable gradient clipping, or check the input weights")
 
 
 def run_train(cfg: dict, run_mode: str, resume=None) -> dict:

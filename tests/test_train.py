@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +31,47 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def finetune(out, *extra, cfg=TINY2):
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def finetune(out, *extra, cfg=TINY2, check=True):
     return run_glm("--config", cfg, "--run_mode", "finetune", "--load_checkpoint", "random",
-                   "--output_dir", str(out), *FAST, *extra)
+                   "--output_dir", str(out), *FAST, *extra, check=check)
+
+
+def error_line(proc) -> str:
+    """The single `error:` line of a failed run (anything else on stderr may only be warnings)."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("warning: ", "[WARNING]"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first lines of the sample data, so that an epoch is a few steps: {n_lines: path}."""
+    d = tmp_path_factory.mktemp("data")
+    lines = (REPO / "data/sample/train.json").read_text(encoding="utf-8").splitlines(keepends=True)
+    paths = {}
+    for n in (12, 24):
+        paths[n] = d / f"train{n}.json"
+        paths[n].write_text("".join(lines[:n]), encoding="utf-8")
+    return {n: str(path) for n, path in paths.items()}
+
+
+def plant_partials(directory):
+    """Temporary checkpoint files as a SIGKILLed writer leaves them: one of a dead PID, one of a live one."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_file = directory / f".glm_rank_0-1_9.partial-{socket.gethostname()}-{int(dead.stdout)}.ckpt"
+    legacy_dead = directory / f".glm_rank_0-1_8.partial-{int(dead.stdout)}.ckpt"
+    live_file = directory / f".glm_rank_0-1_7.partial-{socket.gethostname()}-{os.getpid()}.ckpt"
+    other_host = directory / f".glm_rank_0-1_6.partial-some-other-host-{int(dead.stdout)}.ckpt"
+    for f in (dead_file, legacy_dead, live_file, other_host):
+        f.write_bytes(b"half a checkpoint")
+    return [dead_file, legacy_dead], [live_file, other_host]
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +195,145 @@ print(float(np.abs(a(ids).asnumpy() - b(ids).asnumpy()).max()))
     assert float(diff.stdout.strip().splitlines()[-1]) < 1e-4
 
 
-def test_dry_run_prints_counts_and_a_masked_sample(tmp_path):
-    proc = run_glm("--config", TINY2, "--run_mode", "finetune", "--load_checkpoint", "random", "--dry_run",
+def test_dry_run_builds_the_model_and_loads_the_checkpoint(base_run, tmp_path):
+    base = next((base_run / "checkpoint_network" / "rank_0").glob("*-network.ckpt"))
+    proc = run_glm("--config", TINY2, "--run_mode", "finetune", "--load_checkpoint", str(base), "--dry_run",
                    "--output_dir", str(tmp_path))
     assert "parameters: 887,936 total, 887,936 trainable" in proc.stdout
+    assert f"load_checkpoint: loaded {base}" in proc.stdout
     assert "x -100, then" in proc.stdout and "+ eos" in proc.stdout
     assert "问：" in proc.stdout and "# resolved config" in proc.stdout
     assert not (tmp_path / "checkpoint").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_dry_run_counts_lora_and_rejects_a_checkpoint_that_does_not_fit(base_run, tmp_path):
+    """The counts are the built model's (LoRA adapters included), and the checkpoint is really loaded:
+    base weights of another shape fail in the dry run with the one-line error a real run gives."""
+    base = next((base_run / "checkpoint_network" / "rank_0").glob("*-network.ckpt"))
+    proc = run_glm("--config", TINY2_LORA, "--run_mode", "finetune", "--load_checkpoint", str(base), "--dry_run",
+                   "--output_dir", str(tmp_path), "model.model_config.ffn_hidden_size=256", check=False)
+    # 887,936 - 2 layers x 3 x 128 x (344 - 256) + 2 x 8 x (128 + 256) adapters
+    assert "parameters: 826,496 total, 6,144 trainable (LoRA)" in proc.stdout
+    line = error_line(proc)
+    assert proc.returncode == 2
+    assert line == (f"error: checkpoint {base}: transformer.encoder.layers.0.mlp.dense_h_to_4h.weight has shape "
+                    "(688, 128) but the model expects (512, 128)")
+
+
+# --------------------------------------------------------------------------------- resume: more cases
+def test_fp16_loss_scale_is_checkpointed_and_restored_from_an_older_file_at_an_epoch_end(small_data, tmp_path):
+    """fp16 on CPU with dynamic loss scaling; 2 epochs of 3 steps; `--resume_training FILE` from the
+    end-of-epoch-1 checkpoint (not the newest) continues exactly, loss scale included. A resumed run
+    also removes the temporary files a killed run left (dead PIDs on this host only)."""
+    args = ["--train_dataset_dir", small_data[12], "--epochs", "2", "model.model_config.compute_dtype=float16",
+            "model.model_config.param_init_type=float16", "runner_wrapper.scale_sense.loss_scale_value=1024",
+            "runner_wrapper.scale_sense.scale_window=1", "callbacks.CheckpointMonitor.save_checkpoint_steps=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    finetune(a, *args)
+    rec_a = records(a)
+    assert [r["step"] for r in rec_a] == [1, 2, 3, 4, 5, 6] and [r["epoch"] for r in rec_a] == [1, 1, 1, 2, 2, 2]
+    assert rec_a[-1]["loss"] < rec_a[0]["loss"] - 0.3
+    # window 1: the scale doubles after every finite step, halves on an overflow
+    scales = [r["loss_scale"] for r in rec_a]
+    assert scales[2] != 1024 and len(set(scales)) > 1, scales
+    assert ckpts(a) == ["glm2-tiny_rank_0-1_3.ckpt", "glm2-tiny_rank_0-2_3.ckpt"]
+    older = read_ckpt(a / "checkpoint" / "rank_0" / "glm2-tiny_rank_0-1_3.ckpt")
+    assert float(older["loss_scale.value"]) == scales[2]
+    assert older["transformer.embedding.embedding_table"].dtype == np.float16
+
+    shutil.copytree(a / "checkpoint", b / "checkpoint")
+    stale, kept = plant_partials(b / "checkpoint" / "rank_0")
+    resume_from = b / "checkpoint" / "rank_0" / "glm2-tiny_rank_0-1_3.ckpt"
+    proc = finetune(b, *args, "--resume_training", str(resume_from))
+    assert f"resumed from {resume_from} at step 3 (epoch 2, step 0 of the epoch)" in proc.stdout
+    rec_b = records(b)
+    assert [r["step"] for r in rec_b] == [4, 5, 6]
+    assert [r["loss_scale"] for r in rec_b] == scales[3:]          # it would restart from 1024 otherwise
+    assert [r["loss"] for r in rec_b] == pytest.approx([r["loss"] for r in rec_a[3:]], abs=1e-6)
+    assert max_diff(final_weights(b), final_weights(a)) <= 1e-6
+    assert not [f for f in stale if f.exists()] and all(f.exists() for f in kept)
+    assert all(f"removed {f}" in proc.stdout for f in stale)
+
+
+def test_dropout_resume_mid_epoch_with_accumulation_equals_uninterrupted(small_data, tmp_path):
+    """LoRA with lora_dropout and hidden_dropout 0.1, gradient accumulation 2, 3 steps per epoch: resuming
+    from step 2 (mid-epoch; the resumed run then crosses into epoch 2) gives the uninterrupted run's
+    losses and adapter weights — the dropout random state is checkpointed."""
+    args = ["--train_dataset_dir", small_data[24], "--epochs", "2", "--gradient_accumulation_steps", "2",
+            "model.model_config.pet_config.lora_dropout=0.1", "model.model_config.hidden_dropout=0.1",
+            "callbacks.CheckpointMonitor.save_checkpoint_steps=1", "callbacks.CheckpointMonitor.keep_checkpoint_max=6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    finetune(a, *args, cfg=TINY2_LORA)
+    rec_a = records(a)
+    assert [r["epoch"] for r in rec_a] == [1, 1, 1, 2, 2, 2]
+    resume_from = "glm2-tiny-lora_rank_0-1_2.ckpt"
+    saved = read_ckpt(a / "checkpoint" / "rank_0" / resume_from)
+    # 2 steps x 2 micro-batches x 2 layers x (2 hidden + 1 LoRA) dropout calls
+    assert int(saved["rng.dropout_counter"][0]) == 24
+    shutil.copytree(a / "checkpoint", b / "checkpoint")
+    proc = finetune(b, *args, "--resume_training", str(b / "checkpoint" / "rank_0" / resume_from), cfg=TINY2_LORA)
+    assert "at step 2 (epoch 1, step 2 of the epoch)" in proc.stdout
+    rec_b = records(b)
+    assert [(r["step"], r["epoch"]) for r in rec_b] == [(r["step"], r["epoch"]) for r in rec_a[2:]]
+    assert [r["loss"] for r in rec_b] == pytest.approx([r["loss"] for r in rec_a[2:]], abs=1e-6)
+    adapter_a, adapter_b = final_weights(a, "adapter"), final_weights(b, "adapter")
+    assert max_diff(adapter_a, adapter_b) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------- non-finite loss
+def test_nonfinite_loss_stops_with_one_line_naming_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = finetune(out, "--max_steps", "6", "lr_schedule.warmup_steps=0", "lr_schedule.learning_rate=1e12",
+                    "callbacks.CheckpointMonitor.save_checkpoint_steps=1", check=False)
+    line = error_line(proc)
+    assert proc.returncode == 2
+    rec = records(out)
+    bad = rec[-1]
+    assert not np.isfinite(bad["loss"]) and not bad["finite"] and all(np.isfinite(r["loss"]) for r in rec[:-1])
+    step = bad["step"]
+    assert step >= 2
+    last = out / "checkpoint" / "rank_0" / f"glm2-tiny_rank_0-1_{step - 1}.ckpt"
+    assert last.is_file()
+    assert line.startswith(f"error: step {step}: the loss is nan; training stopped, last good checkpoint: {last}. ")
+    assert not (out / "checkpoint_network").exists()       # no final weights from a diverged run
+
+
+def test_nonfinite_gradients_with_a_finite_loss_are_named_as_such():
+    """fp32, no loss scaling: a finite loss whose gradients are not (here sqrt'(0)) stops the run with a
+    message that says so, not that the loss was non-finite. The train step skips that update."""
+    from types import SimpleNamespace
+
+    from glm import GLMError
+    from glm.optim import AdamW
+    from glm.runtime import ms, setup_context
+    from glm.train import Trainer
+    from glm.train_step import TrainStep
+
+    setup_context("CPU", 0)
+
+    class Norm(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = ms.Parameter(ms.Tensor(np.zeros((2, 2), np.float32)), name="nonfinite_test.w")
+
+        def construct(self, x, y):
+            return ms.ops.sqrt(ms.ops.square(self.w * x).sum()) + y.sum()
+
+    model = Norm()
+    step = TrainStep(model, AdamW(model.trainable_params()), None, None, 1)
+    loss, finite, norm = step.run([(np.ones((2, 2), np.float32), np.zeros(1, np.float32))], [1.0], 0.1, 1)
+    assert loss == 0.0 and not finite and not np.isfinite(norm)
+    assert np.array_equal(model.w.asnumpy(), np.zeros((2, 2), np.float32))    # update skipped
+    trainer = SimpleNamespace(global_step=7, loss_scale=None, last_checkpoint=None)
+    with pytest.raises(GLMError) as err:
+        Trainer._check_finite(trainer, loss, finite, norm)
+    msg = str(err.value)
+    assert msg.startswith("step 7: the gradients are non-finite (grad norm nan) although the loss is finite (0)")
+    assert "no checkpoint was saved before this step" in msg and "loss is nan" not in msg
+    # With loss scaling an overflow only skips the step and lowers the scale; a non-finite loss stops.
+    Trainer._check_finite(SimpleNamespace(global_step=7, loss_scale=object(), last_checkpoint=None), 1.0, False,
+                          float("inf"))
+    with pytest.raises(GLMError, match=r"step 7: the loss is inf; .*last good checkpoint: /x/a\.ckpt"):
+        Trainer._check_finite(SimpleNamespace(global_step=7, loss_scale=object(), last_checkpoint="/x/a.ckpt"),
+                              float("inf"), False, float("inf"))
