@@ -337,3 +337,33 @@ def test_nonfinite_gradients_with_a_finite_loss_are_named_as_such():
     with pytest.raises(GLMError, match=r"step 7: the loss is inf; .*last good checkpoint: /x/a\.ckpt"):
         Trainer._check_finite(SimpleNamespace(global_step=7, loss_scale=object(), last_checkpoint="/x/a.ckpt"),
                               float("inf"), False, float("inf"))
+
+
+def test_counted_dropout_masks_are_a_function_of_seed_and_counter():
+    """The dropout that replaces nn.Dropout in training: p of the values zeroed, the rest scaled by 1/(1-p);
+    a new mask per call; the same mask for the same (seed, rank, counter); identity in eval mode."""
+    from glm.dropout import CountedDropout, DropoutState
+    from glm.runtime import ms, setup_context
+
+    setup_context("CPU", 0)
+    x = ms.Tensor(np.ones((64, 512), np.float32))
+
+    def cell(seed=0, rank=0, start=0):
+        state = DropoutState(seed, rank)
+        state.counter.set_data(ms.Tensor(np.array([start], np.int64)))
+        d = CountedDropout(0.1, state, stream=0)
+        d.set_train(True)
+        return d, state
+
+    d, state = cell()
+    first, second = d(x).asnumpy(), d(x).asnumpy()
+    assert state.value() == 2
+    for y in (first, second):
+        assert np.unique(y) == pytest.approx([0.0, 1 / 0.9], rel=1e-6)
+        assert abs((y == 0).mean() - 0.1) < 0.005
+    assert (first != second).mean() > 0.1
+    assert np.array_equal(cell(start=1)[0](x).asnumpy(), second)          # resumed at counter 1
+    assert (cell(seed=1)[0](x).asnumpy() != first).mean() > 0.1
+    assert (cell(rank=1)[0](x).asnumpy() != first).mean() > 0.1
+    d.set_train(False)
+    assert np.array_equal(d(x).asnumpy(), x.asnumpy()) and state.value() == 2
