@@ -75,6 +75,7 @@ class GLMForCausalLM(nn.Cell):
         cos, sin = rope_table(config.seq_length, config.head_dim, 10000.0 * config.rope_ratio)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
         self.slots = Tensor(np.arange(config.seq_length, dtype=np.int32))
+        self.loss = TokenCrossEntropy()
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         """Full-sequence forward with the causal + pad-key mask: [B, S] -> [B, S, H] (fp32)."""
@@ -83,7 +84,7 @@ class GLMForCausalLM(nn.Cell):
         keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
         mask = ops.select(keep, ops.zeros_like(keep, dtype=ms.float32),
                           ops.full_like(keep, NEG_INF, dtype=ms.float32)).reshape(-1, 1, s, s)
-        cos, sin = self.rope_cos[:s].reshape(1, 1, s, -1), self.rope_sin[:s].reshape(1, 1, s, -1)
+        cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
         return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -93,7 +94,7 @@ class GLMForCausalLM(nn.Cell):
         logits = self.logits(self.hidden_states(input_ids))
         if labels is None:
             return logits
-        return token_cross_entropy(logits, labels)
+        return self.loss(logits, labels)
 
     def cached_hidden(self, input_ids: Tensor, positions: Tensor, past=None):
         """Forward over new tokens at `positions` [B, S], reading and writing the KV cache
@@ -102,22 +103,40 @@ class GLMForCausalLM(nn.Cell):
         allowed = self.slots.reshape(1, 1, -1) <= positions.reshape(b, s, 1)          # [B, S, max_len]
         mask = ops.select(allowed, ops.zeros_like(allowed, dtype=ms.float32),
                           ops.full_like(allowed, NEG_INF, dtype=ms.float32)).reshape(b, 1, s, -1)
-        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, s, -1)
-        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, s, -1)
+        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, s, 1, -1)
+        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, s, 1, -1)
         row = ops.arange(b, dtype=ms.int32).reshape(b, 1) * self.max_len
         return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask, row + positions, past)
 
 
-def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over positions whose label is not -100 (labels are pre-shifted)."""
-    v = logits.shape[-1]
-    logits = logits.reshape(-1, v)
-    labels = labels.reshape(-1)
-    valid = labels != -100
-    logp = ops.log_softmax(logits, -1)
-    nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1).astype(ms.int32)).reshape(-1)
-    validf = valid.astype(ms.float32)
-    return (nll * validf).sum() / ops.maximum(validf.sum(), 1.0)
+class TokenCrossEntropy(nn.Cell):
+    """Mean cross-entropy over positions whose label is not -100 (labels are pre-shifted).
+
+    The backward is written out - (softmax(logits) - onehot(label)) * weight per row - because
+    MindSpore's CPU LogSoftmaxGrad on [B*S, vocab] costs ~7x a softmax (measured 28 ms vs 4 ms on
+    [1024, 4096]); this halves the cost of the loss in a training step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.softmax = ops.Softmax(-1)   # the primitive: ops.softmax inside a bprop fails to compile
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        valid = (labels != -100).astype(ms.float32)
+        logp = ops.log_softmax(logits, -1)
+        nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1).astype(ms.int32)).reshape(-1)
+        return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
+
+    def bprop(self, logits: Tensor, labels: Tensor, out: Tensor, dout: Tensor):
+        shape = logits.shape
+        flat, lab = logits.reshape(-1, shape[-1]), labels.reshape(-1).astype(ms.int32)
+        valid = (lab != -100).astype(ms.float32)
+        weight = valid * (dout / ops.maximum(valid.sum(), 1.0))
+        grad = self.softmax(flat) * weight.reshape(-1, 1)
+        rows = ops.arange(flat.shape[0], dtype=ms.int32)
+        grad = ops.tensor_scatter_add(grad, ops.stack([rows, ops.maximum(lab, 0)], 1), -weight)
+        return grad.reshape(shape), ops.zeros_like(labels)
 
 
 def _take_last(hidden: Tensor, last_index: Tensor) -> Tensor:

@@ -49,35 +49,69 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("ones", (dim,), param_dtype), name="weight")
         self.eps = eps
+        self.dim = dim
+        self.mean_col = Tensor(np.full((dim, 1), 1.0 / dim, np.float32))
         self.compute_dtype = compute_dtype
 
     def construct(self, x: Tensor) -> Tensor:
         x = x.astype(self.compute_dtype)
-        var = ops.mean(ops.square(x), -1, keep_dims=True)
+        # mean(x^2) as a matmul with a 1/dim column: CPU ReduceMean over the hidden axis is ~2x slower,
+        # forward and backward.
+        sq = ops.square(x)
+        var = ops.matmul(sq.reshape(-1, self.dim), self.mean_col.astype(sq.dtype)).reshape(x.shape[:-1] + (1,))
         return x * ops.rsqrt(var + self.eps) * self.weight.astype(self.compute_dtype)
 
 
 def rope_table(max_len: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_len, head_dim/4] for rotating the first head_dim/2 channels in adjacent pairs."""
+    """cos/sin [max_len, head_dim] for `apply_rope`.
+
+    ChatGLM rotates the first head_dim/2 channels in *adjacent* pairs (2i, 2i+1) by angle pos * theta_i,
+    theta_i = base^(-2i / (head_dim/2)); both channels of a pair share the angle. The second half of
+    each head passes through, hence cos 1 and sin 0 there.
+    """
     rot = head_dim // 2
     theta = 1.0 / (base ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
-    ang = np.outer(np.arange(max_len, dtype=np.float64), theta)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    ang = np.repeat(np.outer(np.arange(max_len, dtype=np.float64), theta), 2, axis=1)   # [L, rot]
+    cos = np.ones((max_len, head_dim), np.float64)
+    sin = np.zeros((max_len, head_dim), np.float64)
+    cos[:, :rot], sin[:, :rot] = np.cos(ang), np.sin(ang)
+    return cos.astype(np.float32), sin.astype(np.float32)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of the first half of each head; the second half passes through.
+def pair_rotation(head_dim: int) -> np.ndarray:
+    """R [hd, hd] with (x R)[2i] = -x[2i+1] and (x R)[2i+1] = x[2i] on the rotated half, 0 elsewhere."""
+    r = np.zeros((head_dim, head_dim), np.float32)
+    for i in range(head_dim // 4):
+        r[2 * i + 1, 2 * i] = -1.0
+        r[2 * i, 2 * i + 1] = 1.0
+    return r
 
-    x: [B, h, S, hd]; cos/sin broadcastable to [B, 1, S, hd/4]. ChatGLM pairs *adjacent* channels
-    (not Llama's half split), which is what makes its checkpoints work.
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotation: Tensor) -> Tensor:
+    """x * cos + rotate_pairs(x) * sin, with x [..., hd] and cos/sin broadcastable to it.
+
+    The pair swap is a tiny matmul with `pair_rotation`: on CPU that is cheaper, forward and backward,
+    than slicing, stacking and concatenating the halves (no strided copies, no slice gradients).
     """
-    b, h, s, hd = x.shape
-    rot = hd // 2
-    xr = x[..., :rot].reshape(b, h, s, rot // 2, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    out = ops.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).reshape(b, h, s, rot)
-    return ops.cat([out, x[..., rot:]], -1)
+    hd = x.shape[-1]
+    swapped = ops.matmul(x.reshape(-1, hd), rotation.astype(x.dtype)).reshape(x.shape)
+    return x * cos.astype(x.dtype) + swapped * sin.astype(x.dtype)
+
+
+class Softmax(nn.Cell):
+    """Softmax over the last axis with a hand-written backward.
+
+    dx = y * (dy - sum(y * dy)); the row sum is a matmul with a ones vector, because MindSpore's CPU
+    ReduceSum over a short last axis is ~10x slower than that (measured: 4.6 vs 0.45 ms on 2M values).
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.softmax(x, -1)
+
+    def bprop(self, x: Tensor, out: Tensor, dout: Tensor):
+        yd = out * dout
+        row_sum = ops.matmul(yd, ops.ones((x.shape[-1], 1), yd.dtype))
+        return (yd - out * row_sum,)
 
 
 class SelfAttention(nn.Cell):
@@ -98,6 +132,8 @@ class SelfAttention(nn.Cell):
         self.dense = Linear(self.q_size, cfg.hidden_size, cfg.add_bias_linear, param_dtype, compute_dtype,
                             cfg.initializer_range)
         self.scale = 1.0 / math.sqrt(self.hd)
+        self.rotation = Tensor(pair_rotation(self.hd))
+        self.softmax = Softmax()
         self.compute_dtype = compute_dtype
         self.attn_dropout = nn.Dropout(p=cfg.attention_dropout) if cfg.attention_dropout > 0 else None
         self.use_past = cfg.use_past
@@ -109,40 +145,39 @@ class SelfAttention(nn.Cell):
             self.value_cache = Parameter(Tensor(np.zeros(shape), compute_dtype), name="value_cache",
                                          requires_grad=False)
 
-    def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, s, _ = qkv.shape
-        q = qkv[..., :self.q_size].reshape(b, s, self.nh, self.hd).transpose(0, 2, 1, 3)
-        k = qkv[..., self.q_size:self.q_size + self.kv_size].reshape(b, s, self.kv, self.hd).transpose(0, 2, 1, 3)
-        v = qkv[..., self.q_size + self.kv_size:].reshape(b, s, self.kv, self.hd).transpose(0, 2, 1, 3)
-        return q, k, v
-
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """q [B,nh,S,hd], k/v [B,kv,T,hd], additive fp32 mask [B,1,S,T] -> [B,S,nh*hd]."""
-        b, _, s, _ = q.shape
-        t = k.shape[2]
+        """q [B,S,nh,hd], k/v [B,T,kv,hd], additive fp32 mask [B,1,S,T] -> [B,S,nh*hd]."""
+        b, s, _, _ = q.shape
+        t = k.shape[1]
         # Query heads g*group .. g*group+group-1 share kv group g: fold them into the query axis
-        # instead of repeating K/V `group` times.
-        qg = (q * self.scale).reshape(b, self.kv, self.group * s, self.hd)
+        # ([B, kv, group*S, hd]) instead of repeating K/V `group` times.
+        qg = (q * self.scale).reshape(b, s, self.kv, self.group, self.hd).transpose(0, 2, 3, 1, 4)
+        qg = qg.reshape(b, self.kv, self.group * s, self.hd)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         scores = ops.BatchMatMul(transpose_b=True)(qg, k).astype(ms.float32)
-        scores = scores.reshape(b, self.kv, self.group, s, t) + mask.reshape(b, 1, 1, s, t)
-        probs = ops.softmax(scores, -1).astype(self.compute_dtype)
+        scores = scores.reshape(b, self.kv, self.group, s, t) + ops.stop_gradient(mask).reshape(b, 1, 1, s, t)
+        probs = self.softmax(scores).astype(self.compute_dtype)
         if self.attn_dropout is not None:
             probs = self.attn_dropout(probs)
         ctx = ops.BatchMatMul()(probs.reshape(b, self.kv, self.group * s, t), v)
-        return ctx.reshape(b, self.nh, s, self.hd).transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
+        ctx = ctx.reshape(b, self.kv, self.group, s, self.hd).transpose(0, 3, 1, 2, 4)
+        return ctx.reshape(b, s, self.q_size)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
         """Without `cache_index`: plain causal attention. With it ([B, S] flat slots b*max_len + position of
         each new token): write K/V into the cache and attend over all of it. The cache is this layer's
         Parameters, or - when `past` = (keys, values) tensors is given, as in exported graphs - those
-        tensors, returned updated as `(out, (keys, values))`."""
-        q, k, v = self._split_heads(self.query_key_value(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        tensors, returned updated as `(out, (keys, values))`. cos/sin: [B or 1, S, 1, hd]."""
+        b, s = x.shape[0], x.shape[1]
+        qkv = self.query_key_value(x)
+        # Rotary on q and k in one go: they are the first nh + kv heads of the fused projection.
+        qk = apply_rope(qkv[..., :self.q_size + self.kv_size].reshape(b, s, self.nh + self.kv, self.hd),
+                        cos, sin, self.rotation)
+        q, k = qk[:, :, :self.nh], qk[:, :, self.nh:]
+        v = qkv[..., self.q_size + self.kv_size:].reshape(b, s, self.kv, self.hd)
         new_past = None
         if cache_index is not None:
-            b, s = x.shape[0], x.shape[1]
-            k_new = k.transpose(0, 2, 1, 3).astype(self.compute_dtype)
-            v_new = v.transpose(0, 2, 1, 3).astype(self.compute_dtype)
+            k_new, v_new = k.astype(self.compute_dtype), v.astype(self.compute_dtype)
             if past is None:
                 ops.scatter_update(self.key_cache, cache_index, k_new)
                 ops.scatter_update(self.value_cache, cache_index, v_new)
@@ -152,8 +187,8 @@ class SelfAttention(nn.Cell):
                 keys = ops.tensor_scatter_update(past[0], slots, k_new)
                 values = ops.tensor_scatter_update(past[1], slots, v_new)
                 new_past = (keys, values)
-            k = keys.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
-            v = values.reshape(b, self.max_len, self.kv, self.hd).transpose(0, 2, 1, 3)
+            k = keys.reshape(b, self.max_len, self.kv, self.hd)
+            v = values.reshape(b, self.max_len, self.kv, self.hd)
         out = self.dense(self._attend(q, k, v, mask))
         return out if past is None else (out, new_past)
 
