@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from glm import GLMError
 from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints, write_json_atomic
@@ -46,8 +46,9 @@ class FunctionalStep(nn.Cell):
 
     def _forward(self, input_ids: Tensor, positions: Tensor, kv_cache: Tensor) -> tuple:
         n, _, b, t, kv, hd = kv_cache.shape
-        hidden, cache = self.lm.cached_hidden(input_ids, positions, kv_cache.reshape(n, 2, b * t, kv, hd))
-        return hidden, cache.reshape(kv_cache.shape)
+        flat = kv_cache.reshape(n, 2, b * t, kv, hd)
+        hidden, pairs = self.lm.cached_hidden(input_ids, positions, tuple((flat[i, 0], flat[i, 1]) for i in range(n)))
+        return hidden, ops.stack([ops.stack(pair) for pair in pairs]).reshape(kv_cache.shape)
 
     def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor, kv_cache: Tensor) -> tuple:
         hidden, cache = self._forward(input_ids, positions, kv_cache)

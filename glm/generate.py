@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from glm import GLMError
-from glm.model.glm import CachedStep, GLMForCausalLM, LastLogits
+from glm.model.glm import CachedStep, GLMForCausalLM, GreedyChunk, LastLogits
 from glm.runtime import ms
 from glm.sampling import StopCriteria, check_finite, choose_tokens, process_logits
 
@@ -32,6 +32,11 @@ class GenerationConfig:
     seed: int = 0
 
 
+def _is_greedy(gen: GenerationConfig) -> bool:
+    """Argmax decoding: no sampling (or sampling among top_k=1, as the reference's eval YAMLs do)."""
+    return (not gen.do_sample or gen.top_k == 1) and gen.repetition_penalty == 1.0
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -42,20 +47,27 @@ class Generator:
     With `use_cache` the model must have been built with `use_past=True`; its `batch_size` is the
     number of rows decoded together (longer prompt lists are processed in chunks). Prompt lengths are
     padded up to a multiple of `bucket` so graph mode compiles a handful of shapes, not one per length.
+
+    Greedy decoding without a repetition penalty runs `decode_chunk` steps per graph call
+    (`GreedyChunk`); everything else - sampling, penalties - goes one step at a time through the
+    host-side logit processing. `decode_chunk` defaults to 16 // num_layers (1 for real-size models,
+    whose per-call overhead is negligible next to their kernels).
     """
 
-    def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64):
+    def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64,
+                 decode_chunk: Optional[int] = None):
         self.model = model
         self.cfg = model.config
         self.use_cache = use_cache
         self.bucket = bucket
+        self.rows = self.cfg.batch_size
+        self.decode_chunk = max(1, 16 // self.cfg.num_layers) if decode_chunk is None else int(decode_chunk)
+        self._greedy: Optional[GreedyChunk] = None
         model.set_train(False)
         if use_cache:
             self.step = CachedStep(model)
-            self.rows = self.cfg.batch_size
         else:
             self.full = LastLogits(model)
-            self.rows = self.cfg.batch_size
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[list[int]], gen: GenerationConfig,
@@ -105,25 +117,55 @@ class Generator:
         stop.finished[n:] = True
         eos = set(int(e) for e in gen.eos_token_id)
         logits = self._first_logits(rows, lengths)
+        chunked = self.use_cache and self.decode_chunk > 1 and _is_greedy(gen)
         while True:
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             scores = process_logits(logits, seqs, repetition_penalty=gen.repetition_penalty,
                                     temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                                     do_sample=gen.do_sample)
             active = stop.active
-            tokens = stop.step(choose_tokens(scores, gen.do_sample, rng))
-            for r in np.flatnonzero(active[:n]):
-                t = int(tokens[r])
-                if t in eos:
-                    continue
-                new[r].append(t)
-                seqs[r].append(t)
-                if streamer is not None:
-                    streamer(int(r), t)
+            tokens = self._record(stop.step(choose_tokens(scores, gen.do_sample, rng)), active, new, seqs, eos,
+                                  streamer)
+            lengths = lengths + active
             if stop.done:
                 return new
-            logits = self._next_logits(tokens, lengths, seqs)
-            lengths = lengths + active
+            if chunked:
+                return self._greedy_chunks(tokens, lengths, stop, new, seqs, eos, streamer)
+            logits = self._next_logits(tokens, lengths - active, seqs)
+
+    @staticmethod
+    def _record(tokens: np.ndarray, active: np.ndarray, new, seqs, eos: set, streamer) -> np.ndarray:
+        """Append this step's tokens to the active rows' outputs (eos excluded) and stream them."""
+        for r in np.flatnonzero(active[:len(new)]):
+            t = int(tokens[r])
+            if t in eos:
+                continue
+            new[r].append(t)
+            seqs[r].append(t)
+            if streamer is not None:
+                streamer(int(r), t)
+        return tokens
+
+    def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer) -> list[list[int]]:
+        """Greedy decoding `decode_chunk` tokens per graph call; the host replays the stop rules."""
+        if self._greedy is None:
+            self._greedy = GreedyChunk(self.model, self.decode_chunk)
+        last_slot = self.cfg.seq_length - 1
+        while True:
+            # Each row's last token sits at position length - 1 of its sequence.
+            pos = np.minimum(lengths - 1, last_slot).astype(np.int32).reshape(-1, 1)
+            chunk, finite = self._greedy(ms.Tensor(tokens.astype(np.int32).reshape(-1, 1)), ms.Tensor(pos))
+            chunk, finite = chunk.asnumpy(), finite.asnumpy()
+            for j in range(chunk.shape[1]):
+                active = stop.active
+                bad = np.flatnonzero(active & ~finite[:, j])
+                if bad.size:
+                    raise GLMError(f"generation: row {int(bad[0])} has NaN or all -inf logits; "
+                                   "check the checkpoint and precision")
+                tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer)
+                lengths = lengths + active
+                if stop.done:
+                    return new
 
     def _first_logits(self, rows: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         width = min(_round_up(int(lengths.max()), self.bucket), self.cfg.seq_length)

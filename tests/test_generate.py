@@ -186,3 +186,22 @@ def test_nan_logits_are_a_glm_error_not_token_0(gen3):
     finally:
         emb.set_data(ms.Tensor(saved))
     assert greedy(gen3, ps, max_new_tokens=6) == free
+
+
+def test_chunked_greedy_equals_one_step_at_a_time(gen3):
+    """Greedy decoding runs several steps per graph call; it must give exactly the one-step tokens,
+    including budgets that end mid-chunk, eos stops mid-chunk and the streamed order."""
+    assert gen3.decode_chunk == 8   # 2 layers -> 16 // 2
+    one = Generator(gen3.model, use_cache=True, decode_chunk=1)
+    ps = prompts()
+    for budget in (1, 7, 13, 21):
+        assert greedy(gen3, ps, max_new_tokens=budget) == greedy(one, ps, max_new_tokens=budget)
+    ref = greedy(one, ps, max_new_tokens=21)
+    eos = ref[1][4]   # a token row 1 emits mid-way: rows stop on it at different steps
+    streamed_chunked, streamed_one = [], []
+    out = gen3.generate(ps, GenerationConfig(max_new_tokens=21, eos_token_id=[eos]),
+                        streamer=lambda r, t: streamed_chunked.append((r, t)))
+    assert out == one.generate(ps, GenerationConfig(max_new_tokens=21, eos_token_id=[eos]),
+                               streamer=lambda r, t: streamed_one.append((r, t)))
+    assert len(out[1]) == ref[1].index(eos) and eos not in out[1]
+    assert streamed_chunked == streamed_one

@@ -37,17 +37,18 @@ class Encoder(nn.Cell):
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, ms.float32, norm_dtype)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
-        """`past`, when given, is an explicit cache [layers, 2, B*max_len, kv, hd]; the updated one is
-        returned next to the hidden states (exported graphs cannot share cache Parameters)."""
+        """`past`, when given, is an explicit cache: one (keys, values) pair of [B*max_len, kv, hd] tensors
+        per layer. The updated pairs are returned next to the hidden states (exported graphs and
+        multi-step decoding thread the cache through instead of writing the cache Parameters)."""
         if past is None:
             for layer in self.layers:
                 x = layer(x, cos, sin, mask, cache_index)
             return self.final_layernorm(x)
-        new = []
+        new = ()
         for i in range(len(self.layers)):
-            x, (keys, values) = self.layers[i](x, cos, sin, mask, cache_index, (past[i, 0], past[i, 1]))
-            new.append(ops.stack([keys, values]))
-        return self.final_layernorm(x), ops.stack(new)
+            x, pair = self.layers[i](x, cos, sin, mask, cache_index, past[i])
+            new = new + (pair,)
+        return self.final_layernorm(x), new
 
 
 class Transformer(nn.Cell):
@@ -161,6 +162,45 @@ class CachedStep(nn.Cell):
 
     def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor) -> Tensor:
         return self.lm.logits(_take_last(self.lm.cached_hidden(input_ids, positions), last_index))
+
+
+class GreedyChunk(nn.Cell):
+    """`steps` greedy decode steps in one graph call, each argmax fed back as the next input.
+
+    A tiny model's decode step is ~0.6 ms of kernels but ~2 ms per call once the framework's launch
+    and the host loop are added; running several steps per call pays those once per chunk.
+
+    inputs: tokens [B, 1] (the last chosen token of each row), positions [B, 1] (where it goes)
+    returns: tokens [B, steps] int32 and finite [B, steps] (False where a row's logits had NaN/inf).
+    Positions are clamped to the cache, so steps past the end only overwrite the last slot; callers
+    discard tokens beyond their budget.
+    """
+
+    def __init__(self, lm: GLMForCausalLM, steps: int):
+        super().__init__(auto_prefix=False)
+        if not lm.config.use_past:
+            raise ValueError("GreedyChunk needs a model built with use_past=True")
+        self.lm, self.steps = lm, steps
+        self.last_slot = lm.config.seq_length - 1
+
+    def construct(self, tokens: Tensor, positions: Tensor):
+        b = tokens.shape[0]
+        layers = self.lm.transformer.encoder.layers
+        # The cache goes through the steps as a tensor and is written back once: writing the cache
+        # Parameters between steps makes the graph copy every weight it reads afterwards (TensorMove).
+        past = tuple((layer.self_attention.key_cache, layer.self_attention.value_cache) for layer in layers)
+        chosen, finite = [], []
+        for _ in range(self.steps):
+            hidden, past = self.lm.cached_hidden(tokens, positions, past)
+            logits = self.lm.logits(hidden.reshape(b, -1))
+            finite.append(ops.isfinite(logits.max(-1)))
+            tokens = ops.argmax(logits, -1).astype(ms.int32).reshape(b, 1)
+            chosen.append(tokens)
+            positions = ops.minimum(positions + 1, self.last_slot)
+        for i in range(len(layers)):
+            ops.assign(layers[i].self_attention.key_cache, past[i][0])
+            ops.assign(layers[i].self_attention.value_cache, past[i][1])
+        return ops.concat(chosen, 1), ops.stack(finite, 1)
 
 
 class LastLogits(nn.Cell):
