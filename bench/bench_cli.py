@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/glm2/run_glm2_tiny.yaml"
 SECTION = "## CLI fine-tune vs raw step (bench/bench_cli.py)"
@@ -87,16 +89,7 @@ def main() -> None:
              f"CLI peak RSS: {rss:,.0f} MB (limit 1,536 MB)."]
     print("\n".join(lines))
     if args.write:
-        path = REPO / "bench" / "RESULTS.md"
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        body = SECTION + "\n\n" + "\n".join(lines) + "\n"
-        if SECTION in text:
-            start = text.index(SECTION)
-            nxt = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
-        else:
-            text = text.rstrip() + "\n\n" + body
-        path.write_text(text)
+        write_section(SECTION, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from results import RESULTS, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Model (bench/bench_model.py)"
 
 SHAPES = {
@@ -239,17 +239,6 @@ def _peer_speedup(results: dict, config: str) -> str:
     return f"{c / n:.1f}x" if c and n else "-"
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    block = SECTION + "\n\n" + text.strip() + "\n"
-    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: block + "\n", old).rstrip() + "\n"
-    else:
-        new = old.rstrip() + ("\n\n" if old.strip() else "") + block
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(SHAPES))
@@ -300,7 +289,7 @@ def main() -> None:
                   f"`{open('/proc/loadavg').read().strip()}` (2-core machine shared with other jobs).",
                   "Ours: MindSpore 2.10 graph mode, fp32; peer: transformers GlmForCausalLM, torch CPU, "
                   "2 threads, SDPA. Each case is a fresh process; ours and the peer alternate.", ""]
-        write_section("\n".join(header + lines))
+        write_section(SECTION, "\n".join(header + lines))
         print(f"updated {RESULTS}")
 
 
