@@ -43,11 +43,21 @@ def save_atomic(items: list[dict], path: str | Path, meta: Optional[dict] = None
     append = {"glm_meta": json.dumps({"format": FORMAT, **(meta or {})}, default=str)}
     try:
         ms.save_checkpoint(items, str(tmp), append_dict=append, crc_check=True)
+        _fsync(tmp)            # the bytes reach the disk before the name does: a crash leaves old or new
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def params_to_items(params, skip_caches: bool = True) -> list[dict]:
