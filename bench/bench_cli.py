@@ -69,7 +69,7 @@ def run_raw(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     cli, raw = [], []
@@ -86,7 +86,10 @@ def main() -> None:
              f"| CLI tiny finetune, steady state (data + step + logging + checkpoints) | {cli_tps:,.0f} |",
              f"| raw `TrainStep.run`, same shapes (batch 4 x seq 128) | {raw_tps:,.0f} |",
              f"| ratio CLI / raw | {cli_tps / raw_tps:.3f} |", "",
-             f"CLI peak RSS: {rss:,.0f} MB (limit 1,536 MB)."]
+             f"CLI peak RSS: {rss:,.0f} MB (limit 1,536 MB).", "",
+             "Runs (CLI / raw, interleaved): " + ", ".join(f"{c['steady_tokens_per_s']:,.0f} / {r['tokens_per_s']:,.0f}"
+                                                         for c, r in zip(cli, raw)) + ". Single runs vary by "
+             "about +-10% on this machine, hence the median of several."]
     print("\n".join(lines))
     if args.write:
         write_section(SECTION, "\n".join(lines))
