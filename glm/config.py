@@ -6,16 +6,12 @@ or an out-of-range value raises `GLMError` with one line naming the file, the do
 was expected. Relative paths in a config (dataset_dir, vocab_file, output_dir, ...) are kept as
 written and resolved by their users against the current working directory, as MindFormers does.
 
-A schema entry is `key: (kind, default[, minimum])`, where kind is a type or tuple of types, a
-frozenset of allowed values, a nested schema dict, or a function `(value, where) -> value`.
-A nested schema with default None is an optional section: it stays None when absent.
+The schema format and the checking machinery are in glm/validate.py.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import os
 import re
 import sys
@@ -28,6 +24,7 @@ import yaml
 
 from glm import GLMError
 from glm.model.config import GLMConfig
+from glm.validate import NONE, hint, typed, validate_section
 
 RUN_MODES = frozenset({"train", "finetune", "eval", "predict", "export", "chat"})  # chat: run_glm.py extra
 # The reference spells its checkpoint callback "CheckpointMointor"; both spellings are accepted.
@@ -42,15 +39,11 @@ IGNORED_MODEL_KEYS = frozenset({
     "use_paged_attention", "block_size", "num_blocks", "use_prompt_flash_attention",
     "use_kvcache_op", "is_sample_acceleration", "embedding_type", "mask_type", "gmask_token_id",
     "bos_token_id", "vocab_size"})
-_NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")  # MindFormers YAMLs write `pre_seq_len: None`
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               list: "a list", dict: "a mapping", type(None): "null"}
-_NONE = type(None)
 
 
 # ------------------------------------------------------------------------------------------ schema
 def _regex(value: Any, where: str) -> str:  # pet_config.target_modules
-    value = _typed(value, str, where)
+    value = typed(value, str, where)
     try:
         re.compile(value)
     except re.error as e:
@@ -62,7 +55,7 @@ TOKENIZER = {
     "type": (frozenset({"ChatGLM2Tokenizer", "ChatGLM3Tokenizer"}), "ChatGLM2Tokenizer"),
     "vocab_file": (str, ""),
     # Cosmetic in the reference (the SentencePiece model defines the specials); accepted, unused.
-    **{k: ((str, _NONE), None)
+    **{k: ((str, NONE), None)
        for k in ("bos_token", "eos_token", "end_token", "mask_token", "gmask_token", "pad_token", "unk_token")},
 }
 DATA_LOADER = {
@@ -82,7 +75,7 @@ DATASET = {
     "ignore_pad_token_for_loss": (bool, True),  # labels of padding are -100 (no loss)
     "num_parallel_workers": (int, 8, 1), "python_multiprocessing": (bool, False), "drop_remainder": (bool, True),
     "batch_size": (int, 1, 1), "repeat": (int, 1, 1), "numa_enable": (bool, False), "prefetch_size": (int, 1, 1),
-    "seed": (int, 0), "max_eval_samples": ((int, _NONE), None, 1),
+    "seed": (int, 0), "max_eval_samples": ((int, NONE), None, 1),
 }
 DATASET_TASK = {"type": (str, "KeyWordGenDataset"), "dataset_config": (DATASET, None)}
 PET = {
@@ -115,8 +108,8 @@ CALLBACKS["CheckpointMointor"] = CALLBACKS["CheckpointMonitor"]
 def _scale_sense(value: Any, where: str) -> Any:
     """runner_wrapper.scale_sense: a fixed loss scale (number) or a loss-scale cell mapping."""
     if isinstance(value, dict):
-        return _validate(value, SCALE_SENSE, where)
-    return _typed(value, float, where)
+        return validate_section(value, SCALE_SENSE, where)
+    return typed(value, float, where)
 
 
 def _callbacks(value: Any, where: str) -> list:
@@ -129,14 +122,14 @@ def _callbacks(value: Any, where: str) -> list:
             raise GLMError(f"{w}: expected a mapping with a 'type' key, got {item!r}")
         kind = item["type"]
         if kind not in CALLBACKS:
-            raise GLMError(f"{w}.type: unknown callback {kind!r}{_hint(kind, CALLBACKS)}")
-        out.append({"type": kind, **_validate({k: v for k, v in item.items() if k != "type"}, CALLBACKS[kind], w)})
+            raise GLMError(f"{w}.type: unknown callback {kind!r}{hint(kind, CALLBACKS)}")
+        out.append({"type": kind, **validate_section({k: v for k, v in item.items() if k != "type"}, CALLBACKS[kind], w)})
     return out
 
 
 def _lr_type(value: Any, where: str) -> str:
     if value not in LR_TYPES:
-        raise GLMError(f"{where}: expected one of {sorted(LR_TYPES)}, got {value!r}{_hint(value, LR_TYPES)}")
+        raise GLMError(f"{where}: expected one of {sorted(LR_TYPES)}, got {value!r}{hint(value, LR_TYPES)}")
     return LR_TYPES[value]
 
 
@@ -152,7 +145,7 @@ def _model_config(value: Any, where: str) -> dict:
         print(f"warning: {where}.{key} is accepted for MindFormers compatibility but has no effect here",
               file=sys.stderr)
         value.pop(key)
-    out = _validate(value, MODEL_CONFIG, where)
+    out = validate_section(value, MODEL_CONFIG, where)
     try:
         return {**GLMConfig.from_dict(out, where).to_dict(), "pet_config": out["pet_config"]}
     except TypeError as e:  # a dataclass field that does not accept the value
@@ -162,7 +155,7 @@ def _model_config(value: Any, where: str) -> dict:
 def _field_kind(f: dataclasses.Field) -> Any:
     if f.name == "pet_config":
         return PET
-    kinds = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": (int, _NONE)}
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": (int, NONE)}
     return kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), object)
 
 
@@ -182,17 +175,17 @@ SCHEMA: dict = {
     "eval_step_interval": (int, 500),  # < 0 disables
     "eval_epoch_interval": (int, -1),  # < 0 disables
     "remote_save_url": (str, ""),
-    "predict_batch_size": ((int, _NONE), None, 1),
+    "predict_batch_size": ((int, NONE), None, 1),
     "trainer": ({"type": (str, "CausalLanguageModelingTrainer"), "model_name": (str, "glm2_6b")}, {}),
     "metric": ({"type": (frozenset({"ADGENMetric", "PerplexityMetric"}), "ADGENMetric")}, {}),
     "processor": ({"type": (str, "GLMProcessor"), "return_tensors": (str, "ms"), "tokenizer": (TOKENIZER, {}),
-                   "max_length": ((int, _NONE), None, 1)}, {}),
+                   "max_length": ((int, NONE), None, 1)}, {}),
     "context": ({
         "mode": (frozenset({0, 1}), 0),  # 0 graph, 1 PyNative
         "device_target": (frozenset({"CPU", "GPU", "Ascend"}), "CPU"), "device_id": (int, 0, 0),
         "enable_graph_kernel": (bool, False), "graph_kernel_flags": (str, ""), "max_call_depth": (int, 10000, 1),
         "max_device_memory": (str, ""), "save_graphs": ((bool, int), False), "save_graphs_path": (str, "./graph"),
-        "runtime_num_threads": ((int, _NONE), None, 1),
+        "runtime_num_threads": ((int, NONE), None, 1),
     }, {}),
     "model": ({"model_config": (_model_config, {}),
                "arch": ({"type": (str, "ChatGLM2ForConditionalGeneration")}, {})}, {}),
@@ -205,7 +198,7 @@ SCHEMA: dict = {
         "batch_size": (int, 1, 1),  # per device; overrides the dataset block's batch_size
         "sink_mode": (bool, True), "sink_size": (int, 1), "initial_epoch": (int, 0, 0),
         "gradient_accumulation_steps": (int, 1, 1),
-        "max_steps": ((int, _NONE), None, 1),  # stop after this many optimizer steps (not in the reference)
+        "max_steps": ((int, NONE), None, 1),  # stop after this many optimizer steps (not in the reference)
         "log_interval": (int, 10, 1),  # steps between loss log lines (not in the reference)
     }, {}),
     "runner_wrapper": ({
@@ -219,7 +212,7 @@ SCHEMA: dict = {
         "learning_rate": (float, 5e-5, 0),  # the peak LR (optimizer.learning_rate, if set, replaces it)
         "lr_end": (float, 0.0, 0),
         "warmup_steps": (int, 0, 0),
-        "warmup_ratio": ((float, _NONE), None, 0),  # fraction of total_steps; wins over warmup_steps
+        "warmup_ratio": ((float, NONE), None, 0),  # fraction of total_steps; wins over warmup_steps
         "warmup_lr_init": (float, 0.0, 0),
         "total_steps": (int, -1, -1),  # -1: steps per epoch x epochs
         "power": (float, 1.0, 0),
@@ -231,7 +224,7 @@ SCHEMA: dict = {
         "beta2": (float, 0.95, 0),
         "eps": (float, 1e-8, 0),
         "weight_decay": (float, 0.0, 0),  # not applied to 1-D parameters (norms, biases)
-        "learning_rate": ((float, _NONE), None, 0),
+        "learning_rate": ((float, NONE), None, 0),
     }, {}),
     "lr_scale": (bool, False), "lr_scale_factor": (int, 256, 1),
     "parallel": ({  # handed to ms.set_auto_parallel_context by glm/parallel.py
@@ -242,14 +235,14 @@ SCHEMA: dict = {
         "strategy_ckpt_save_file": (str, ""), "strategy_ckpt_load_file": (str, ""),
         "strategy_ckpt_config": ({"save_file": (str, "./ckpt_strategy.ckpt"), "load_file": (str, ""),
                                   "only_trainable_params": (bool, True)}, {}),
-        "dataset_strategy": (object, None), "pipeline_stages": ((int, _NONE), None, 1),
-        "parallel_optimizer_config": ((dict, _NONE), None),
+        "dataset_strategy": (object, None), "pipeline_stages": ((int, NONE), None, 1),
+        "parallel_optimizer_config": ((dict, NONE), None),
     }, {}),
     "parallel_config": ({
         "data_parallel": (int, 1, 1), "model_parallel": (int, 1, 1), "pipeline_stage": (int, 1, 1),
         "expert_parallel": (int, 1, 1), "micro_batch_num": (int, 1, 1), "vocab_emb_dp": (bool, True),
         "gradient_aggregation_group": (int, 4, 1), "use_seq_parallel": (bool, False),
-        "optimizer_shard": ((bool, _NONE), None),
+        "optimizer_shard": ((bool, NONE), None),
     }, {}),
     "micro_batch_interleave_num": (int, 1, 1),
     "moe_config": ({"expert_num": (int, 1, 1), "capacity_factor": (float, 1.05, 0),
@@ -270,86 +263,7 @@ SCHEMA: dict = {
 }
 
 
-# --------------------------------------------------------------------------------------- validator
-def _hint(key: Any, known: Iterable, prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
-    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
-
-
-def _is_check(kind: Any) -> bool:  # a validating function rather than a type
-    return callable(kind) and not isinstance(kind, type)
-
-
-def _typed(value: Any, kind: Any, where: str) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if object in kinds:
-        return copy.deepcopy(value)
-    if isinstance(value, bool):  # bool is an int subclass: only accept it where a bool is expected
-        if bool in kinds:
-            return value
-    elif isinstance(value, int) and int in kinds:
-        return value
-    elif isinstance(value, (int, float)) and float in kinds:
-        return float(value)
-    elif isinstance(value, str) and float in kinds and str not in kinds:
-        try:  # PyYAML reads `1e-5` (no dot) as a string; `1.e-5` is a float
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, tuple(k for k in kinds if k not in (int, float, bool))):
-        return copy.deepcopy(value)
-    expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-    raise GLMError(f"{where}: expected {expected}, got {value!r}")
-
-
-def _value(value: Any, kind: Any, default: Any, where: str) -> Any:
-    if value is None or (isinstance(value, str) and value in _NONE_STRINGS):
-        if default is None or (isinstance(kind, tuple) and _NONE in kind):
-            return None
-        if kind is str or isinstance(kind, dict) or _is_check(kind):  # '' / the filled section / []
-            return _default(kind, default, where)
-        expected = f"one of {sorted(kind, key=str)}" if isinstance(kind, frozenset) else _TYPE_NAMES.get(kind, "a value")
-        raise GLMError(f"{where}: expected {expected}, got null")
-    if isinstance(kind, dict):
-        return _validate(value, kind, where)
-    if isinstance(kind, frozenset):
-        if value not in kind:
-            raise GLMError(f"{where}: expected one of {', '.join(map(repr, sorted(kind, key=str)))}, "
-                           f"got {value!r}{_hint(value, kind) if isinstance(value, str) else ''}")
-        return value
-    if _is_check(kind):
-        return kind(value, where)
-    return _typed(value, kind, where)
-
-
-def _default(kind: Any, default: Any, where: str) -> Any:
-    if default is None:
-        return None
-    if isinstance(kind, dict):
-        return _validate(copy.deepcopy(default), kind, where)
-    if _is_check(kind):
-        return kind(copy.deepcopy(default), where)
-    return copy.deepcopy(default)
-
-
-def _validate(section: Any, schema: dict, where: str) -> dict:
-    """Check one mapping against its schema; return a new dict with every key, defaults filled."""
-    if not isinstance(section, dict):
-        raise GLMError(f"{where or 'top level'}: expected a mapping, got {section!r}")
-    for key in section:
-        if key not in schema:
-            path = f"{where}.{key}" if where else str(key)
-            raise GLMError(f"{path}: unknown key{_hint(key, schema, f'{where}.' if where else '')}")
-    out = {}
-    for key, (kind, default, *minimum) in schema.items():
-        path = f"{where}.{key}" if where else key
-        value = _value(section[key], kind, default, path) if key in section else _default(kind, default, path)
-        if minimum and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum[0]:
-            raise GLMError(f"{path}: expected a value >= {minimum[0]}, got {value!r}")
-        out[key] = value
-    return out
-
-
+# --------------------------------------------------------------------------------------- validation
 def _semantic_checks(cfg: dict) -> None:
     lr = cfg["lr_schedule"]
     if lr["total_steps"] == 0:
@@ -380,7 +294,7 @@ def validate_config(raw: dict) -> dict:
     """Validate a raw config dict (as read from YAML); return a new dict with all defaults filled.
 
     Idempotent: validating an already validated config returns an equal dict."""
-    cfg = _validate(_hoist_datasets(dict(raw)), SCHEMA, "")
+    cfg = validate_section(_hoist_datasets(dict(raw)), SCHEMA, "")
     _semantic_checks(cfg)
     return cfg
 
@@ -404,7 +318,7 @@ def _callback_item(items: list, part: str, item: str) -> dict:
             raise GLMError(f"override {item!r}: callbacks has {len(items)} entries, no index {part}")
         return items[int(part)]
     if part not in CALLBACKS:
-        raise GLMError(f"override {item!r}: unknown callback {part!r}{_hint(part, CALLBACKS)}")
+        raise GLMError(f"override {item!r}: unknown callback {part!r}{hint(part, CALLBACKS)}")
     names = CHECKPOINT_CALLBACKS if part in CHECKPOINT_CALLBACKS else (part,)
     for entry in items:
         if isinstance(entry, dict) and entry.get("type") in names:
@@ -445,7 +359,7 @@ def _set_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
                 raise GLMError(f"override {item!r}: {parent} is a single value, it has no key {part!r}")
             if part not in kind:
                 prefix = ".".join(parts[:i]) + "." if i else ""
-                raise GLMError(f"override {item!r}: unknown key {where!r}{_hint(part, kind, prefix)}")
+                raise GLMError(f"override {item!r}: unknown key {where!r}{hint(part, kind, prefix)}")
             if i == len(parts) - 1:
                 node[part] = value
                 break
