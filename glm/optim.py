@@ -12,13 +12,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from glm import GLMError
+from glm.config import LR_TYPES
 from glm.runtime import ms
-
-SCHEDULES = {
-    "polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial",
-    "cosine": "cosine", "CosineWithWarmUpLR": "cosine", "CosineAnnealingLR": "cosine",
-    "constant": "constant", "ConstantWarmUpLR": "constant",
-}
 
 
 class LRSchedule:
@@ -30,9 +25,9 @@ class LRSchedule:
 
     def __init__(self, kind: str, learning_rate: float, total_steps: int, warmup_steps: int = 0,
                  lr_end: float = 0.0, warmup_lr_init: float = 0.0, power: float = 1.0):
-        if kind not in SCHEDULES:
-            raise GLMError(f"lr_schedule.type: expected one of {sorted(SCHEDULES)}, got {kind!r}")
-        self.kind = SCHEDULES[kind]
+        if kind not in LR_TYPES:
+            raise GLMError(f"lr_schedule.type: expected one of {sorted(LR_TYPES)}, got {kind!r}")
+        self.kind = LR_TYPES[kind]
         self.lr, self.lr_end, self.power = float(learning_rate), float(lr_end), float(power)
         self.total = max(1, int(total_steps))
         self.warmup = max(0, min(int(warmup_steps), self.total))
