@@ -38,7 +38,7 @@ def run_eval(cfg: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     batch = int((cfg.get("runner_config") or {}).get("batch_size", 1))
     if metric_type == "PerplexityMetric" or phase == "train":
-        result = _perplexity(cfg, section, batch, out if proc.is_main else None)
+        result = _perplexity(cfg, section, batch, out, proc.is_main)
     else:
         result = _adgen(cfg, section, batch, out, proc.is_main)
     result["checkpoint"] = cfg.get("load_checkpoint")
@@ -53,9 +53,9 @@ def _limit(section: dict, n: int) -> int:
     return n if limit in (None, -1, 0) else min(n, int(limit))
 
 
-def _adgen(cfg: dict, section: dict, batch: int, out: Path, is_main: bool = True) -> dict:
+def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
-    if is_main:
+    if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     tok = data.tokenizer
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
@@ -97,13 +97,13 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path, is_main: bool = True
     return result
 
 
-def _perplexity(cfg: dict, section: dict, batch: int, out: Path | None = None) -> dict:
+def _perplexity(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
     section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
-    if out is not None:
+    if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
     model.set_train(False)

@@ -15,7 +15,7 @@ import numpy as np
 from glm import GLMError
 from glm.model.glm import CachedStep, GLMForCausalLM, GreedyChunk, LastLogits
 from glm.runtime import ms
-from glm.sampling import StopCriteria, check_finite, choose_tokens, process_logits
+from glm.sampling import StopCriteria, check_finite, check_finite_rows, choose_tokens, process_logits
 
 
 @dataclass
@@ -158,10 +158,7 @@ class Generator:
             chunk, finite = chunk.asnumpy(), finite.asnumpy()
             for j in range(chunk.shape[1]):
                 active = stop.active
-                bad = np.flatnonzero(active & ~finite[:, j])
-                if bad.size:
-                    raise GLMError(f"generation: row {int(bad[0])} has NaN or all -inf logits; "
-                                   "check the checkpoint and precision")
+                check_finite_rows(finite[:, j], active)
                 tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer)
                 lengths = lengths + active
                 if stop.done:

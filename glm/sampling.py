@@ -126,7 +126,12 @@ def check_finite(scores: np.ndarray, active: Optional[np.ndarray] = None) -> Non
 
     NaN logits (fp16 overflow, a broken checkpoint) would otherwise decode as a silent token 0 or garbage.
     """
-    bad = ~np.isfinite(np.max(scores, axis=-1))
+    check_finite_rows(np.isfinite(np.max(scores, axis=-1)), active)
+
+
+def check_finite_rows(finite: np.ndarray, active: Optional[np.ndarray] = None) -> None:
+    """`check_finite` on per-row flags (True = the row's best logit is finite), as computed in-graph."""
+    bad = ~np.asarray(finite, dtype=bool)
     if active is not None:
         bad &= np.asarray(active, dtype=bool)
     rows = np.flatnonzero(bad)
