@@ -3,12 +3,16 @@
 Prompts of different lengths share one batch: they are right-padded, the prefill returns each row's
 logits at its own last token, and every decode step writes each row at its own position. Rows that
 finished keep running (the batch shape is static) but their tokens are discarded.
+
+Each prompt may carry its own `GenerationConfig` (the server batches requests with different sampling
+settings, budgets and seeds), and the streamer may end a row early by returning True (a stop string was
+produced, or the client went away).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,6 +34,10 @@ class GenerationConfig:
     eos_token_id: list = field(default_factory=lambda: [2])
     pad_token_id: int = 0
     seed: int = 0
+
+
+# streamer(row, token) -> True ends that row now (its token is kept); None/False goes on.
+Streamer = Callable[[int, int], Optional[bool]]
 
 
 def _is_greedy(gen: GenerationConfig) -> bool:
@@ -70,62 +78,81 @@ class Generator:
             self.full = LastLogits(model)
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: list[list[int]], gen: GenerationConfig,
-                 streamer: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
-        """Return the new tokens of every prompt (eos excluded). `streamer(row, token)` sees each token."""
+    def generate(self, prompts: list[list[int]], gen: Union[GenerationConfig, Sequence[GenerationConfig]],
+                 streamer: Optional[Streamer] = None) -> list[list[int]]:
+        """Return the new tokens of every prompt (eos excluded). `streamer(row, token)` sees each token and
+        may return True to finish that row. `gen` is one config for all prompts, or one per prompt (each
+        row then draws from its own generator seeded with its own `seed`)."""
         if not prompts:
             return []
-        rng = np.random.default_rng(gen.seed)
+        per_row = not isinstance(gen, GenerationConfig)
+        gens = list(gen) if per_row else [gen] * len(prompts)
+        if len(gens) != len(prompts):
+            raise GLMError(f"generate: {len(gens)} generation configs for {len(prompts)} prompts")
+        shared = None if per_row else np.random.default_rng(gen.seed)
         outputs: list[list[int]] = []
         for start in range(0, len(prompts), self.rows):
             chunk = prompts[start:start + self.rows]
+            chunk_gens = gens[start:start + self.rows]
+            rngs = [shared] * len(chunk) if shared is not None else \
+                [np.random.default_rng(g.seed) for g in chunk_gens]
             cb = None
             if streamer is not None:
                 cb = (lambda off: (lambda r, t: streamer(r + off, t)))(start)
-            outputs.extend(self._generate_chunk(chunk, gen, rng, cb))
+            outputs.extend(self._generate_chunk(chunk, chunk_gens, rngs, cb, per_row))
         return outputs
 
     # ------------------------------------------------------------------ internals
-    def _budget(self, prompts: list[list[int]], gen: GenerationConfig) -> int:
-        longest = max(len(p) for p in prompts)
+    def budget(self, prompt: Sequence[int], gen: GenerationConfig, index: int = 0) -> int:
+        """New tokens `prompt` may get under `gen` and seq_length; GLMError (naming prompt `index`) if none."""
         limit = self.cfg.seq_length
-        for i, p in enumerate(prompts):
-            if not p:
-                raise GLMError(f"prompt {i}: it is empty after tokenization")
-            if len(p) >= limit:
-                raise GLMError(f"prompt {i}: {len(p)} tokens do not fit model.model_config.seq_length "
-                               f"{limit} (at least one new token is needed)")
+        if not prompt:
+            raise GLMError(f"prompt {index}: it is empty after tokenization")
+        if len(prompt) >= limit:
+            raise GLMError(f"prompt {index}: {len(prompt)} tokens do not fit model.model_config.seq_length "
+                           f"{limit} (at least one new token is needed)")
         if gen.max_new_tokens is not None:
-            return max(0, min(gen.max_new_tokens, limit - longest))
+            return max(0, min(gen.max_new_tokens, limit - len(prompt)))
         max_length = min(gen.max_length or limit, limit)
-        if longest >= max_length:   # silently answering nothing would look like a model that says nothing
-            i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
-            raise GLMError(f"prompt {i}: {longest} tokens leave no room for an answer under max_length {max_length} "
-                           "(model.model_config.max_decode_length); raise it or shorten the prompt")
-        return max_length - longest
+        if len(prompt) >= max_length:   # silently answering nothing would look like a model that says nothing
+            raise GLMError(f"prompt {index}: {len(prompt)} tokens leave no room for an answer under max_length "
+                           f"{max_length} (model.model_config.max_decode_length); raise it or shorten the prompt")
+        return max_length - len(prompt)
 
-    def _generate_chunk(self, prompts, gen, rng, streamer) -> list[list[int]]:
+    def _generate_chunk(self, prompts, gens, rngs, streamer, per_row: bool) -> list[list[int]]:
         n = len(prompts)
-        budget = self._budget(prompts, gen)
-        rows = prompts + [[gen.pad_token_id]] * (self.rows - n)     # fill the static batch
+        budgets = [self.budget(p, g, i) for i, (p, g) in enumerate(zip(prompts, gens))]
+        if not per_row:   # one config: the budget is the longest prompt's, for every row (as before)
+            budgets = [min(budgets)] * n
+        pad = gens[0].pad_token_id
+        rows = prompts + [[pad]] * (self.rows - n)     # fill the static batch
         lengths = np.array([len(p) for p in rows], np.int32)
         seqs = [list(map(int, p)) for p in rows]
         new: list[list[int]] = [[] for _ in range(n)]
-        if budget == 0:
+        if max(budgets) == 0:
             return new
-        stop = StopCriteria(gen.eos_token_id, lengths, max_new_tokens=budget, pad_token_id=gen.pad_token_id)
+        limits = np.array(budgets + [1] * (self.rows - n), np.int64)
+        stop = StopCriteria(gens[0].eos_token_id, lengths, max_new_tokens=np.maximum(limits, 1), pad_token_id=pad)
         stop.finished[n:] = True
-        eos = set(int(e) for e in gen.eos_token_id)
+        stop.finished[:n] |= limits[:n] == 0
+        eos = set(int(e) for e in gens[0].eos_token_id)
+        groups = _setting_groups(gens, self.rows)
         logits = self._first_logits(rows, lengths)
-        chunked = self.use_cache and self.decode_chunk > 1 and _is_greedy(gen)
+        chunked = self.use_cache and self.decode_chunk > 1 and all(_is_greedy(g) for g in gens)
         while True:
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
-            scores = process_logits(logits, seqs, repetition_penalty=gen.repetition_penalty,
-                                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                    do_sample=gen.do_sample)
+            chosen = np.zeros(self.rows, np.int64)
+            for g, members in groups:
+                scores = process_logits(logits[members], [seqs[r] for r in members],
+                                        repetition_penalty=g.repetition_penalty, temperature=g.temperature,
+                                        top_k=g.top_k, top_p=g.top_p, do_sample=g.do_sample)
+                if g.do_sample and per_row:   # each row its own draw: independent of its batch mates
+                    for j, r in enumerate(members):
+                        chosen[r] = choose_tokens(scores[j:j + 1], True, rngs[r])[0] if r < n else pad
+                else:
+                    chosen[members] = choose_tokens(scores, g.do_sample, rngs[0])
             active = stop.active
-            tokens = self._record(stop.step(choose_tokens(scores, gen.do_sample, rng)), active, new, seqs, eos,
-                                  streamer)
+            tokens = self._record(stop.step(chosen), active, new, seqs, eos, streamer, stop)
             lengths = lengths + active
             if stop.done:
                 return new
@@ -134,16 +161,17 @@ class Generator:
             logits = self._next_logits(tokens, lengths - active, seqs)
 
     @staticmethod
-    def _record(tokens: np.ndarray, active: np.ndarray, new, seqs, eos: set, streamer) -> np.ndarray:
-        """Append this step's tokens to the active rows' outputs (eos excluded) and stream them."""
+    def _record(tokens: np.ndarray, active: np.ndarray, new, seqs, eos: set, streamer, stop) -> np.ndarray:
+        """Append this step's tokens to the active rows' outputs (eos excluded) and stream them;
+        a streamer that returns True finishes its row."""
         for r in np.flatnonzero(active[:len(new)]):
             t = int(tokens[r])
             if t in eos:
                 continue
             new[r].append(t)
             seqs[r].append(t)
-            if streamer is not None:
-                streamer(int(r), t)
+            if streamer is not None and streamer(int(r), t):
+                stop.finished[r] = True
         return tokens
 
     def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer) -> list[list[int]]:
@@ -159,7 +187,7 @@ class Generator:
             for j in range(chunk.shape[1]):
                 active = stop.active
                 check_finite_rows(finite[:, j], active)
-                tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer)
+                tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer, stop)
                 lengths = lengths + active
                 if stop.done:
                     return new
@@ -183,3 +211,14 @@ class Generator:
             zero = np.zeros(self.rows, np.int32)
             return self.step(ms.Tensor(tok), ms.Tensor(pos), ms.Tensor(zero)).asnumpy()
         return self._first_logits(seqs, np.array([len(s) for s in seqs], np.int32))
+
+
+def _setting_groups(gens: Sequence[GenerationConfig], rows: int) -> list[tuple[GenerationConfig, list[int]]]:
+    """Rows with the same logit settings, so that each group is processed in one vectorised call. Batch
+    filler rows join the first group (with one config for all, the whole batch is one group, as before)."""
+    groups: dict[tuple, tuple[GenerationConfig, list[int]]] = {}
+    for r in range(rows):
+        g = gens[r] if r < len(gens) else gens[0]
+        key = (g.do_sample, g.temperature, g.top_k, g.top_p, g.repetition_penalty)
+        groups.setdefault(key, (g, []))[1].append(r)
+    return list(groups.values())

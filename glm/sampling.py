@@ -175,7 +175,7 @@ class StopCriteria:
         eos_token_id: Union[int, Sequence[int]],
         prompt_lengths: Sequence[int],
         *,
-        max_new_tokens: Optional[int] = None,
+        max_new_tokens: Union[int, Sequence[int], None] = None,   # one limit, or one per row
         max_length: Optional[int] = None,
         pad_token_id: int = 0,
     ) -> None:
@@ -184,7 +184,7 @@ class StopCriteria:
             raise GLMError("eos_token_id must name at least one token id")
         if max_new_tokens is None and max_length is None:
             raise GLMError("generation needs max_new_tokens or max_length")
-        if max_new_tokens is not None and max_new_tokens <= 0:
+        if max_new_tokens is not None and np.any(np.asarray(max_new_tokens) <= 0):
             raise GLMError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         self.eos_ids = np.asarray(ids, dtype=np.int64)
         self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)

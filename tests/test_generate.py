@@ -205,3 +205,26 @@ def test_chunked_greedy_equals_one_step_at_a_time(gen3):
                                streamer=lambda r, t: streamed_one.append((r, t)))
     assert len(out[1]) == ref[1].index(eos) and eos not in out[1]
     assert streamed_chunked == streamed_one
+
+
+def test_per_row_settings_match_each_prompt_alone_and_streamer_can_end_a_row(gen3):
+    """The server batches requests with their own budgets, sampling settings and seeds: each row's answer
+    is what it would get alone; a streamer returning True ends its row (stop string, gone client)."""
+    ps = prompts()
+    cfgs = [GenerationConfig(max_new_tokens=4, eos_token_id=NO_EOS),
+            GenerationConfig(max_new_tokens=12, eos_token_id=NO_EOS, do_sample=True, temperature=1.5, seed=5),
+            GenerationConfig(max_new_tokens=9, eos_token_id=NO_EOS, do_sample=True, top_p=0.9, seed=8)]
+    together = gen3.generate(ps, cfgs)
+    alone = [gen3.generate([p], [c])[0] for p, c in zip(ps, cfgs)]
+    assert together == alone and [len(r) for r in together] == [4, 12, 9]
+    assert together[0] == greedy(gen3, ps[:1], max_new_tokens=4)[0]
+    seen: list[tuple[int, int]] = []
+
+    def stop_row1_after_3(row: int, token: int) -> bool:
+        seen.append((row, token))
+        return row == 1 and sum(r == 1 for r, _ in seen) == 3
+
+    cut = gen3.generate(ps, cfgs, streamer=stop_row1_after_3)
+    assert cut[1] == together[1][:3] and cut[0] == together[0] and cut[2] == together[2]
+    for row in range(3):
+        assert [t for r, t in seen if r == row] == cut[row]
