@@ -15,7 +15,7 @@ import sys
 
 import click
 
-RUN_MODES = ["train", "finetune", "eval", "predict", "export", "chat"]
+RUN_MODES = ["train", "finetune", "eval", "predict", "export", "chat", "serve"]
 BOOL = click.Choice(["True", "False", "true", "false", "1", "0"])
 
 
@@ -63,12 +63,15 @@ class _Command(click.Command):
 @click.option("--gradient_accumulation_steps", type=click.IntRange(min=1), default=None)
 @click.option("--max_steps", type=int, default=None, help="Stop training after this many optimizer steps.")
 @click.option("--raw_prompt", is_flag=True, help="predict: use the prompt text as is (no chat template).")
+@click.option("--host", default=None, help="serve: address to listen on (serve.host, default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="serve: TCP port (serve.port, default 8000; 0 = any free port).")
 @click.option("--dry_run", is_flag=True,
               help="Build and check everything, print the config, parameter counts and one sample; no training.")
 @click.argument("overrides", nargs=-1)
 def main(config_path, run_mode, load_checkpoint, resume_training, output_dir, device_target, device_id, mode,
          seed, use_parallel, train_dataset_dir, eval_dataset_dir, predict_data, batch_size, epochs,
-         gradient_accumulation_steps, max_steps, raw_prompt, dry_run, overrides):
+         gradient_accumulation_steps, max_steps, raw_prompt, host, port, dry_run, overrides):
     """Train, fine-tune, evaluate, predict with or export ChatGLM2/ChatGLM3 from one YAML config.
 
     OVERRIDES are dotted key=value pairs applied after the flags, e.g. runner_config.epochs=3.
@@ -104,7 +107,7 @@ _FLAG_KEYS = {
     "seed": "seed", "train_dataset_dir": "train_dataset.data_loader.dataset_dir",
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir", "batch_size": "runner_config.batch_size",
     "epochs": "runner_config.epochs", "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
-    "max_steps": "runner_config.max_steps",
+    "max_steps": "runner_config.max_steps", "host": "serve.host", "port": "serve.port",
 }
 
 
@@ -162,6 +165,10 @@ def _dispatch(cfg: dict, run_mode: str, predict_data, raw_prompt: bool) -> None:
         from glm.export import run_export
 
         run_export(cfg)
+    elif run_mode == "serve":
+        from glm.serve import run_serve
+
+        run_serve(cfg)
 
 
 if __name__ == "__main__":

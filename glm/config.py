@@ -26,7 +26,7 @@ from glm import GLMError
 from glm.model.config import GLMConfig
 from glm.validate import NONE, hint, typed, validate_section
 
-RUN_MODES = frozenset({"train", "finetune", "eval", "predict", "export", "chat"})  # chat: run_glm.py extra
+RUN_MODES = frozenset({"train", "finetune", "eval", "predict", "export", "chat", "serve"})  # chat, serve: extras
 # The reference spells its checkpoint callback "CheckpointMointor"; both spellings are accepted.
 CHECKPOINT_CALLBACKS = ("CheckpointMonitor", "CheckpointMointor")
 # MindFormers' class names for the schedules are accepted and mapped to the short names.
@@ -256,6 +256,13 @@ SCHEMA: dict = {
     "profile_output": (str, ""),
     "callbacks": (_callbacks, []),
     "eval_callbacks": (_callbacks, []),
+    "serve": ({  # --run_mode serve (glm/serve/): the OpenAI-compatible HTTP server
+        "host": (str, "127.0.0.1"),  # 0.0.0.0 to listen on every interface
+        "port": (int, 8000, 0),  # 0: a free port, printed at start
+        "batch_size": ((int, NONE), None, 1),  # requests decoded together; None: runner_config.batch_size
+        "max_queue": (int, 64, 1),  # requests waiting for a row; more get 429
+        "model_name": (str, ""),  # the id in /v1/models and responses; '': trainer.model_name
+    }, {}),
     # Read by the MindSpore-Lite runner in the reference (export mode); kept for reference YAMLs.
     "infer": ({"prefill_model_path": (str, ""), "increment_model_path": (str, ""),
                "infer_seq_length": (int, 512, 1), "model_type": (str, "mindir"),

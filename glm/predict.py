@@ -1,4 +1,4 @@
-"""`--run_mode predict` (prompts from the command line or a file) and `--run_mode chat` (a terminal chat).
+"""`--run_mode predict` (prompts from the command line or a file); `--run_mode chat` is in glm/chat.py.
 
 Prompts go through the model family's template (GLM2's "[Round n]" prompt, GLM3's role tokens) unless
 `--raw_prompt` is given. Results are printed and written to `<output_dir>/predict_results.jsonl`.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from glm import GLMError
 from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
+from glm.chat import _Printer, run_chat  # noqa: F401  (the chat lives in glm/chat.py; run_glm imports it here)
 from glm.generate import Generator
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
@@ -93,53 +94,3 @@ def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
     tmp.replace(path)
     print(f"results: {path}", file=sys.stderr)
     return results
-
-
-class _Printer:
-    """Streams decoded text: decodes all new tokens so far and prints what was not printed yet
-    (a byte-fallback piece may be half a character until its next piece arrives)."""
-
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.tokens, self.shown = tok, out, [], ""
-
-    def __call__(self, row: int, token: int) -> None:
-        self.tokens.append(token)
-        text = self.tok.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[len(self.shown):])
-        self.out.flush()
-        self.shown = text
-
-
-def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    tok, generator, gen = _session(cfg, 1, "chat")
-    history: list[tuple[str, str]] = []
-    stdout.write("chat: type a message; /reset clears the history, /exit quits\n")
-    while True:
-        stdout.write(">>> ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
-            break
-        query = line.strip()
-        if not query:
-            continue
-        if query == "/reset":
-            history = []
-            stdout.write("(history cleared)\n")
-            continue
-        ids = tok.build_generation_input(query, history)
-        limit = generator.cfg.seq_length if gen.max_new_tokens is not None else \
-            min(gen.max_length or generator.cfg.seq_length, generator.cfg.seq_length)
-        while len(ids) >= limit and history:    # drop the oldest turns: the answer needs room under max_length
-            history = history[1:]
-            ids = tok.build_generation_input(query, history)
-        printer = _Printer(tok, stdout)
-        try:
-            out = generator.generate([ids], gen, streamer=printer)[0]
-        except GLMError as e:
-            stdout.write(f"error: {e}\n")
-            continue
-        stdout.write("\n")
-        history.append((query, tok.decode(out)))

@@ -1,0 +1,298 @@
+"""The OpenAI chat-completions wire format: request models (strict: unknown fields and wrong types are
+400s), messages -> prompt ids in the model's chat format, and the reply -> content or tool calls.
+
+Only what the model can honour is accepted: a field that would change the answer and is not implemented
+(n > 1, penalties, logprobs, JSON mode, a forced tool call) is a 400 naming it, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from glm import GLMError
+from glm.generate import GenerationConfig
+from glm.tokenizer import (
+    TOOLS_SYSTEM_PROMPT,
+    ChatGLM3Tokenizer,
+    format_tool_call,
+    parse_tool_call,
+    split_glm3_reply,
+)
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr   # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: StrictStr = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[ContentPart], None] = None
+    name: Optional[StrictStr] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class FunctionDef(_Strict):
+    name: StrictStr = Field(min_length=1)
+    description: Optional[StrictStr] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[StrictBool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatRequest(_Strict):
+    model: StrictStr
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    temperature: Optional[Number] = Field(default=None, ge=0, le=2)
+    top_p: Optional[Number] = Field(default=None, gt=0, le=1)
+    top_k: Optional[StrictInt] = Field(default=None, ge=0)             # extension (vLLM spelling)
+    repetition_penalty: Optional[Number] = Field(default=None, gt=0)    # extension (vLLM spelling)
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: Optional[StrictInt] = None
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    user: Optional[StrictStr] = None
+    presence_penalty: Optional[Number] = Field(default=None, ge=0, le=0)
+    frequency_penalty: Optional[Number] = Field(default=None, ge=0, le=0)
+    logprobs: Optional[Literal[False]] = None
+    response_format: Optional[ResponseFormat] = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise RequestError("stop: at most 4 sequences", "stop")
+        return [s for s in stops if s]
+
+
+class RequestError(Exception):
+    """A request the model cannot serve as asked: 400 with `message` naming `param`."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ----------------------------------------------------------------------------------------- generation
+def generation_settings(req: ChatRequest, default: GenerationConfig) -> GenerationConfig:
+    """The config's generation settings, overridden by what the request sets (OpenAI semantics:
+    temperature 0 = greedy, max_tokens = new tokens)."""
+    gen = GenerationConfig(**{**default.__dict__, "eos_token_id": list(default.eos_token_id)})
+    if req.temperature is not None:
+        gen.do_sample = req.temperature > 0
+        if gen.do_sample:
+            gen.temperature = float(req.temperature)
+    elif req.top_p is not None and req.top_p < 1:
+        gen.do_sample = True
+    if req.top_p is not None:
+        gen.top_p = float(req.top_p)
+    if req.top_k is not None:
+        gen.top_k = req.top_k
+    elif gen.do_sample and gen.top_k == 1:
+        gen.top_k = 0       # top_k 1 is how the reference YAMLs spell greedy; a sampling request wants sampling
+    if gen.do_sample and gen.top_k == 1:
+        gen.do_sample = False
+    if req.repetition_penalty is not None:
+        gen.repetition_penalty = float(req.repetition_penalty)
+    limit = req.max_completion_tokens or req.max_tokens
+    if limit is not None:
+        gen.max_new_tokens, gen.max_length = limit, None
+    if req.seed is not None:
+        gen.seed = req.seed
+    return gen
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def _tools_for(req: ChatRequest) -> list[dict]:
+    if not req.tools or req.tool_choice == "none":
+        return []
+    tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
+    if isinstance(req.tool_choice, NamedToolChoice):
+        name = req.tool_choice.function.name
+        tools = [t for t in tools if t["name"] == name]
+        if not tools:
+            raise RequestError(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+    return tools
+
+
+def encode_messages(tok, req: ChatRequest) -> tuple[list[int], list[dict]]:
+    """Prompt ids for the conversation (the tokenizer's chat format) and the tools offered (GLM3 only)."""
+    msgs = req.messages
+    if msgs[-1].role not in ("user", "tool"):
+        raise RequestError(f"messages: the last message must be from the user or a tool, got {msgs[-1].role!r}",
+                           "messages")
+    if isinstance(tok, ChatGLM3Tokenizer):
+        return _encode_glm3(tok, req)
+    if req.tools:
+        raise RequestError("tools: tool calls need a ChatGLM3 model (this one uses the ChatGLM2 format)", "tools")
+    return _encode_glm2(tok, msgs), []
+
+
+def _encode_glm2(tok, msgs: list[Message]) -> list[int]:
+    """ChatGLM2 has rounds of (question, answer) and no system role: system text opens the first question."""
+    system, pairs, query = [], [], None
+    for i, m in enumerate(msgs):
+        if m.role in ("system", "developer"):
+            system.append(m.text())
+        elif m.role == "tool":
+            raise RequestError(f"messages[{i}]: tool messages need a ChatGLM3 model", "messages")
+        elif m.role == "user":
+            query = m.text() if query is None else query + "\n" + m.text()
+        elif query is None:
+            raise RequestError(f"messages[{i}]: an assistant message must follow a user message", "messages")
+        else:
+            pairs.append((query, m.text()))
+            query = None
+    if system:
+        first = pairs[0][0] if pairs else query
+        first = "\n".join(system) + "\n\n" + first
+        if pairs:
+            pairs[0] = (first, pairs[0][1])
+        else:
+            query = first
+    return tok.build_generation_input(query, pairs)
+
+
+def _encode_glm3(tok: ChatGLM3Tokenizer, req: ChatRequest) -> tuple[list[int], list[dict]]:
+    tools = _tools_for(req)
+    history: list[dict] = []
+    if tools and not any(m.role in ("system", "developer") for m in req.messages):
+        history.append({"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": tools})
+    for i, m in enumerate(req.messages):
+        if m.role in ("system", "developer"):
+            item: dict = {"role": "system", "content": m.text()}
+            if tools and not any(h.get("tools") for h in history):
+                item["tools"] = tools
+            history.append(item)
+        elif m.role == "user":
+            history.append({"role": "user", "content": m.text()})
+        elif m.role == "tool":
+            history.append({"role": "observation", "content": m.text()})
+        elif m.tool_calls:
+            if m.text():
+                history.append({"role": "assistant", "content": m.text()})
+            for call in m.tool_calls:
+                try:
+                    args = json.loads(call.function.arguments or "{}")
+                except ValueError:
+                    raise RequestError(f"messages[{i}].tool_calls: arguments of {call.function.name!r} are not "
+                                       "valid JSON", "messages") from None
+                if not isinstance(args, dict):
+                    raise RequestError(f"messages[{i}].tool_calls: arguments must be a JSON object", "messages")
+                history.append(format_tool_call(call.function.name, args))
+        else:
+            history.append({"role": "assistant", "content": m.text()})
+    last = history.pop()
+    try:
+        return tok.build_chat_input(last["content"], history, role=last["role"]), tools
+    except GLMError as e:
+        raise RequestError(str(e), "messages") from None
+
+
+def parse_reply(text: str, tools: list[dict], glm3: bool) -> tuple[str, Optional[dict]]:
+    """(content, tool call {"name", "arguments"} or None) of a finished reply. GLM2 text is returned as
+    generated (as --run_mode predict prints it); GLM3 text loses its metadata line and outer whitespace."""
+    if not glm3:
+        return text, None
+    name, body = split_glm3_reply(text)
+    if name and name in {t["name"] for t in tools}:
+        args = parse_tool_call(body)
+        if args is not None:
+            return "", {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}
+    return text.strip(), None
+
+
+class ReplyStream:
+    """Turns the raw text pieces of a reply into the content deltas a client sees, so that the deltas add
+    up to `parse_reply`'s content. GLM3 text that may still turn out to be a tool call (its first line is a
+    prefix of an offered tool name) is held back until that is decided."""
+
+    def __init__(self, tools: list[dict], glm3: bool):
+        self.names = [t["name"] for t in tools]
+        self.glm3 = glm3
+        self.raw, self.sent = "", ""
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        if not self.glm3:
+            visible = self.raw
+        else:
+            head, newline, _ = self.raw.partition("\n")
+            head = head.strip()
+            if newline:
+                maybe_call = head in self.names
+            else:
+                maybe_call = any(n.startswith(head) for n in self.names)
+            if maybe_call:
+                return ""
+            visible = self.raw.strip()
+        return self._delta(visible)
+
+    def finish(self) -> tuple[str, Optional[dict]]:
+        """The last content delta and the tool call, if the reply was one."""
+        content, call = parse_reply(self.raw, [{"name": n} for n in self.names], self.glm3)
+        return ("" if call else self._delta(content)), call
+
+    def _delta(self, visible: str) -> str:
+        if not visible.startswith(self.sent):   # cannot happen for prefix-stable text; never resend
+            return ""
+        delta, self.sent = visible[len(self.sent):], visible
+        return delta
