@@ -4,6 +4,13 @@ HF -> MindSpore (a folder of *.safetensors or pytorch_model*.bin, ChatGLM or tra
     python tools/convert_weight.py --torch_ckpt_dir chatglm3-6b/ --mindspore_ckpt_path glm3_6b.ckpt
 MindSpore -> HF (ChatGLM names by default; --layout glm_hf for transformers GlmForCausalLM):
     python tools/convert_weight.py --reversed --input_path glm3_6b.ckpt --output_path hf_out/
+    python tools/convert_weight.py --reversed --layout glm_hf --input_path output/.../glm3-tiny_rank_0-network.ckpt \
+        --output_path hf_out/        # then AutoModelForCausalLM/AutoTokenizer.from_pretrained("hf_out")
+
+With --reversed the folder also gets config.json, generation_config.json and the tokenizer files
+(tokenizer.model, tokenizer.json, tokenizer_config.json), from the run config recorded in checkpoints
+written by this tool or from --config. A LoRA adapter checkpoint is merged into its base weights (the
+recorded base, or --base) on the way out.
 
 The output file type follows the extension (.ckpt or .safetensors). dtypes are kept, except that bfloat16
 becomes float32 in MindSpore checkpoints (MindSpore has no bf16 kernels on CPU); --dtype overrides both.
@@ -48,7 +55,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("chatglm_hf", "glm_hf"), default="chatglm_hf",
                    help="names of the HF output with --reversed (default chatglm_hf)")
     p.add_argument("--max_shard_size", default="5GB", help="HF output shard size with --reversed (default 5GB)")
+    p.add_argument("--config", default=None,
+                   help="--reversed: run config (YAML) for config.json and the tokenizer files; default: the "
+                        "config recorded in the checkpoint")
+    p.add_argument("--base", default=None,
+                   help="--reversed with a LoRA adapter: base weights to merge into (default: the recorded base)")
     return p
+
+
+def _read_reversed_input(src: Path) -> tuple[dict, dict]:
+    """(MindSpore-named state, the meta this tool's checkpoints carry: run config, kind, LoRA settings)."""
+    from glm import weights
+
+    if src.suffix == ".ckpt" and src.is_file():
+        from glm.checkpoint import load_state
+
+        params, meta = load_state(src)
+        return {k: v.asnumpy() for k, v in params.items() if hasattr(v, "asnumpy")}, meta
+    return weights.read_weights(src), {}
+
+
+def _merge_adapter(state: dict, meta: dict, base: str | None, src: Path) -> dict:
+    from glm.model.lora import merge_lora_state
+    from glm.weights import hf_to_ms, read_weights
+
+    if not meta.get("lora"):
+        raise GLMError(f"--input_path {src}: this adapter is not LoRA; a P-Tuning prefix cannot be folded into "
+                       "plain weights (serve it with --run_mode serve)")
+    base = base or meta.get("base_checkpoint")
+    if not base or base == "random" or not Path(base).exists():
+        raise GLMError(f"--input_path {src} is a LoRA adapter whose base weights ({base!r}) are not available; "
+                       "pass --base")
+    merged = hf_to_ms(read_weights(base))
+    merged.update({k: v for k, v in state.items() if ".lora_" in k})
+    return merge_lora_state(merged, meta["lora"])
+
+
+def _run_config(args: argparse.Namespace, meta: dict) -> dict | None:
+    if args.config:
+        from glm.config import load_config
+
+        return load_config(args.config)
+    return meta.get("config")
+
+
+def _metadata(dst: Path, cfg: dict | None, args: argparse.Namespace) -> None:
+    from glm.build import build_tokenizer, model_config
+    from glm.hf_export import write_hf_metadata
+
+    if not cfg:
+        print("warning: no run config (pass --config CFG.yaml): only the weights were written; "
+              "from_pretrained also needs config.json and the tokenizer", file=sys.stderr)
+        return
+    m = model_config(cfg, param_init_type=args.dtype) if args.dtype else model_config(cfg)
+    try:
+        tok = build_tokenizer(cfg)
+    except GLMError as e:
+        print(f"warning: tokenizer files not written ({e}); pass --config with a reachable vocab_file",
+              file=sys.stderr)
+        tok = None
+    write_hf_metadata(dst, m, args.layout, tok)
 
 
 def cast(state: dict, dtype: str | None, to_mindspore: bool) -> dict:
@@ -71,9 +137,13 @@ def convert(args: argparse.Namespace) -> dict:
     t0 = time.time()
     src, dst = Path(args.input_path), Path(args.output_path)
     if args.reversed:
-        state = weights.read_weights(src)
+        state, meta = _read_reversed_input(src)
+        if meta.get("kind") == "adapter":
+            state = _merge_adapter(state, meta, args.base, src)
+        cfg = _run_config(args, meta)
         state = weights.ms_to_hf(cast(state, args.dtype, False), layout=args.layout)
         weights.write_hf_safetensors(state, dst, shard_size=parse_size(args.max_shard_size))
+        _metadata(dst, cfg, args)
     else:
         if dst.suffix not in (".ckpt", ".safetensors"):
             raise GLMError(f"--output_path {dst}: expected a .ckpt or .safetensors file name")
