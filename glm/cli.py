@@ -5,9 +5,10 @@
     glm launch --config cfg.yaml --devices [0,8] --run_mode finetune
 
 Every subcommand is a plain function; its work lives in the module it imports when it runs, so
-`glm --help` imports click and nothing heavy (no MindSpore). Errors follow one path (`run_cli`): bad input
+`glm --help` imports click and nothing heavy (no MindSpore). Errors follow one path (`handle_errors`): bad input
 (GLMError, a bad flag) is one `error: ...` line and exit 2, Ctrl-C exit 130, anything else one line and
-exit 1 (GLM_DEBUG=1 shows the traceback).
+exit 1 (GLM_DEBUG=1 shows the traceback). The group and run_glm.py's command route their `main` through it,
+so click's CliRunner sees exactly what a user sees.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -26,10 +27,10 @@ BOOL = click.Choice(["True", "False", "true", "false", "1", "0"])
 
 
 # ------------------------------------------------------------------------------------------ errors
-def run_cli(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
-    """Run a click command with the one error-handling path of every glm entry point; never returns."""
+def handle_errors(run: Callable[[], Any]) -> NoReturn:
+    """The one error-handling path of every glm entry point: run `run()` and exit with its code."""
     try:
-        code = command.main(args, prog_name=prog_name, standalone_mode=False)
+        code = run()
     except click.ClickException as e:   # UsageError and friends: one line, not click's usage block
         msg = " ".join(e.format_message().split())
         click.echo(f"error: {msg} (see --help)", err=True)
@@ -51,6 +52,23 @@ def run_cli(command: click.Command, args: list[str] | None = None, prog_name: st
                    err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run_cli(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> NoReturn:
+    """Run a click command (as a program) through `handle_errors`."""
+    handle_errors(lambda: command.main(args, prog_name=prog_name, standalone_mode=False))
+
+
+class _Handled:
+    """A click command/group whose `main` goes through `handle_errors` (also under click's CliRunner)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        handle_errors(lambda: super(_Handled, self).main(args, prog_name, complete_var, standalone_mode=False,
+                                                         **extra))
+
+
+class Command(_Handled, click.Command):
+    pass
 
 
 # ---------------------------------------------------------------------------------------- run modes
@@ -190,7 +208,7 @@ def _run_mode_command(name: str, help_line: str) -> click.Command:
     return command
 
 
-@click.command("run_glm.py", context_settings=CONTEXT)
+@click.command("run_glm.py", cls=Command, context_settings=CONTEXT)
 @click.option("--run_mode", type=click.Choice(list(RUN_MODES)), default=None,
               help="What to do; defaults to the config's run_mode.")
 @run_options
@@ -204,7 +222,7 @@ def run_glm(run_mode: str | None, **opts: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- the group
-class _Group(click.Group):
+class _Group(_Handled, click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:   # in the order they were added
         return list(self.commands)
 
@@ -234,20 +252,20 @@ def _register_tools() -> None:
 _register_tools()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the `glm` console script (and `python -m glm`)."""
-    run_cli(cli, argv, prog_name="glm")
+    cli.main(argv, prog_name="glm")
 
 
 def call(argv: list[str]) -> int:
     """`glm ARGV...` in-process, returning the exit code instead of exiting (tool shims, tests)."""
     try:
-        run_cli(cli, argv, prog_name="glm")
+        cli.main(argv, prog_name="glm")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
-def run_glm_main(argv: list[str] | None = None) -> None:
+def run_glm_main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of run_glm.py."""
-    run_cli(run_glm, argv, prog_name="run_glm.py")
+    run_glm.main(argv, prog_name="run_glm.py")

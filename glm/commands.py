@@ -2,7 +2,7 @@
 validate, plot.
 
 Each is a thin click wrapper over one function in the module that does the work (imported when the
-command runs, so `glm --help` stays fast); errors go through `glm.cli.run_cli` like every command.
+command runs, so `glm --help` stays fast); errors go through `glm.cli.handle_errors` like every command.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ parsed here and handed to the launcher; each script is a line that runs
     python -m glm.launch_scripts run_distribute|run_standalone ARGS...
 
 Usage errors print the script's usage after the error line (exit 2); everything else goes through
-glm's one error path (glm.cli.run_cli).
+glm's one error path (glm.cli.handle_errors).
 """
 
 from __future__ import annotations

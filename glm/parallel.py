@@ -90,7 +90,7 @@ def semi_auto_context(cfg_parallel: dict[str, Any], parallel_config: dict[str, A
 
     None values (unset in the config) are left to MindSpore's defaults. The strategy file is saved
     per rank (`ckpt_strategy.ckpt` -> `ckpt_strategy_rank_3.ckpt`, as the reference), so the ranks'
-    files do not overwrite each other and tools/transform_ckpt.py can merge their directory.
+    files do not overwrite each other and `glm transform-ckpt` can merge their directory.
     """
     cfg_parallel = cfg_parallel or {}
     kwargs: dict[str, Any] = {k: cfg_parallel[k] for k in _CONTEXT_KEYS if cfg_parallel.get(k) is not None}
@@ -130,7 +130,7 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
         init()
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GLMError(f"distributed init failed: {first} (launch with scripts/run_distribute.sh, "
+        raise GLMError(f"distributed init failed: {first} (launch with glm launch or scripts/run_distribute.sh, "
                        f"or msrun, and check the other ranks' logs)") from e
     rank, world = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
