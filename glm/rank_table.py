@@ -18,10 +18,10 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 from typing import Any
 
 from glm import GLMError
+from glm.io import write_json_atomic
 
 
 def load_rank_table(path: str) -> dict[str, Any]:
@@ -225,7 +225,7 @@ def write_server_rank_table(device_num: str = "[0,8)", visible_devices: str = "0
     server_ip = server_ip or socket.gethostbyname(socket.gethostname())
     table = build_rank_table(server_ip, device_ids, ips)
     out = output or f"hccl_{len(device_ids)}p_{''.join(str(d) for d in device_ids)}_{server_ip}.json"
-    write_json_atomic(table, out)
+    write_json_atomic(table, out, indent=4)
     return out, table
 
 
@@ -248,21 +248,6 @@ def merge_rank_table_files(files: list[str], output: str = "") -> tuple[str, dic
     (default ./hccl_{servers}s_{ranks}p.json); returns the path and the table."""
     merged = merge_rank_tables([load_rank_table(f) for f in files])
     out = output or f"hccl_{merged['server_count']}s_{rank_table_size(merged)}p.json"
-    write_json_atomic(merged, out)
+    write_json_atomic(merged, out, indent=4)
     return out, merged
 
-
-def write_json_atomic(obj: dict[str, Any], path: str) -> None:
-    """Write JSON (indent 4) to a temp file next to `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
