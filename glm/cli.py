@@ -171,8 +171,6 @@ def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, over
     if flags.get("use_parallel") is not None:
         pairs.append(("use_parallel", flags["use_parallel"].lower() in ("true", "1")))
     run_mode = run_mode or cfg.get("run_mode") or "train"
-    if run_mode not in RUN_MODES:
-        raise GLMError(f"{config_path}: run_mode {run_mode!r} is not one of {', '.join(RUN_MODES)}")
     if run_mode == "export" and flags.get("batch_size") is not None:
         pairs.append(("model.model_config.batch_size", flags["batch_size"]))
     pairs.append(("run_mode", run_mode))
@@ -243,9 +241,8 @@ for _name, (_fn, _help) in RUN_MODES.items():
 
 def _register_tools() -> None:
     from glm import commands  # click definitions of the tool subcommands; imports nothing heavy
-    from glm.launch import launch_command
 
-    for command in (*commands.COMMANDS, launch_command):
+    for command in commands.COMMANDS:
         cli.add_command(command)
 
 

@@ -1,5 +1,5 @@
 """The tool subcommands of `glm`: convert, merge-lora, rank-table, merge-rank-tables, transform-ckpt,
-validate, plot.
+validate, plot, launch.
 
 Each is a thin click wrapper over one function in the module that does the work (imported when the
 command runs, so `glm --help` stays fast); errors go through `glm.cli.handle_errors` like every command.
@@ -130,8 +130,7 @@ def transform_ckpt_command(src_ckpt_strategy: str | None, dst_ckpt_strategy: str
 
 @click.command("validate", context_settings=CONTEXT, short_help="Check a config without building the model.")
 @click.argument("config_path", metavar="CONFIG")
-@click.option("--run_mode", type=click.Choice(["train", "finetune", "eval", "predict", "export", "chat"]),
-              default=None, help="Check for this run mode (default: the config's run_mode).")
+@click.option("--run_mode", default=None, help="Check for this run mode (default: the config's run_mode).")
 @click.argument("overrides", nargs=-1)
 def validate_command(config_path: str, run_mode: str | None, overrides: tuple[str, ...]) -> None:
     """Check CONFIG (with key=value OVERRIDES) as a run would, without building the model.
@@ -186,5 +185,37 @@ def plot_command(run_dir: str) -> None:
         click.echo(f"wrote {path}")
 
 
+@click.command("launch", context_settings=CONTEXT,
+               short_help="Run a job on several devices or machines (msrun or rank table).")
+@click.option("--config", "config_path", required=True, help="YAML config; its output_dir holds the logs.")
+@click.option("--devices", required=True, metavar="[START,END]",
+              help="Devices START..END-1 of this machine, e.g. [0,8].")
+@click.option("--run_mode", required=True, help="train | finetune | eval | predict.")
+@click.option("--rank_table", default=None, help="HCCL rank table (Ascend); without it, the msrun form.")
+@click.option("--rank_size", type=int, default=None, help="Total ranks over all machines (multi-machine only).")
+@click.option("--nodes", default=None, help="msrun: number of machines.")
+@click.option("--node_rank", default=None, help="msrun: this machine's index (follows from --devices).")
+@click.option("--master_addr", default=None, help="msrun: node 0's address [MASTER_ADDR, 127.0.0.1].")
+@click.option("--master_port", default=None, help="msrun: scheduler port [MASTER_PORT, 8118].")
+@click.option("--predict_data", default=None, help="predict: a prompt or a file.")
+@click.option("--dry_run", is_flag=True, help="Print each process's environment and the command; start nothing.")
+@click.argument("overrides", nargs=-1)
+def launch_command(config_path: str, devices: str, run_mode: str, rank_table: str | None, rank_size: int | None,
+                   nodes: str | None, node_rank: str | None, master_addr: str | None, master_port: str | None,
+                   predict_data: str | None, dry_run: bool, overrides: tuple[str, ...]) -> int:
+    """Run RUN_MODE on devices START..END-1, one supervised process per device.
+
+    OVERRIDES (dotted key=value) reach every rank. Rank k logs to OUTPUT_DIR/log/rank_k/glm.log; if a rank
+    fails, the others are stopped and the failed rank's log is named. Environment: CLUSTER_TIME_OUT (120 s),
+    GLM_KILL_TIMEOUT (5 s between SIGTERM and SIGKILL), MASTER_ADDR, MASTER_PORT, NODE_RANK.
+    """
+    from glm.launch import FLAG_NAMES, launch, plan_launch
+
+    plan = plan_launch(config_path, devices, run_mode, rank_table=rank_table, rank_size=rank_size, nodes=nodes,
+                       node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                       predict_data=predict_data, overrides=overrides, names=FLAG_NAMES)
+    return launch(plan, dry_run)
+
+
 COMMANDS = (convert_command, merge_lora_command, rank_table_command, merge_rank_tables_command,
-            transform_ckpt_command, validate_command, plot_command)
+            transform_ckpt_command, validate_command, plot_command, launch_command)

@@ -358,39 +358,10 @@ def launch(plan: LaunchPlan, dry_run: bool = False) -> int:
     return run_plan(plan)
 
 
-# ------------------------------------------------------------------------------------------ command
-@click.command("launch", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-               short_help="Run a job on several devices or machines (msrun or rank table).")
-@click.option("--config", "config_path", required=True, help="YAML config; its output_dir holds the logs.")
-@click.option("--devices", required=True, metavar="[START,END]",
-              help="Devices START..END-1 of this machine, e.g. [0,8].")
-@click.option("--run_mode", type=click.Choice(DIST_RUN_MODES), required=True)
-@click.option("--rank_table", default=None, help="HCCL rank table (Ascend); without it, the msrun form.")
-@click.option("--rank_size", type=int, default=None, help="Total ranks over all machines (multi-machine only).")
-@click.option("--nodes", default=None, help="msrun: number of machines.")
-@click.option("--node_rank", default=None, help="msrun: this machine's index (follows from --devices).")
-@click.option("--master_addr", default=None, help="msrun: node 0's address [MASTER_ADDR, 127.0.0.1].")
-@click.option("--master_port", default=None, help="msrun: scheduler port [MASTER_PORT, 8118].")
-@click.option("--predict_data", default=None, help="predict: a prompt or a file.")
-@click.option("--dry_run", is_flag=True, help="Print each process's environment and the command; start nothing.")
-@click.argument("overrides", nargs=-1)
-def launch_command(config_path: str, devices: str, run_mode: str, rank_table: str | None, rank_size: int | None,
-                   nodes: str | None, node_rank: str | None, master_addr: str | None, master_port: str | None,
-                   predict_data: str | None, dry_run: bool, overrides: tuple[str, ...]) -> int:
-    """Run RUN_MODE on devices START..END-1, one supervised process per device.
-
-    OVERRIDES (dotted key=value) reach every rank. Rank k logs to OUTPUT_DIR/log/rank_k/glm.log; if a rank
-    fails, the others are stopped and the failed rank's log is named. Environment: CLUSTER_TIME_OUT (120 s),
-    GLM_KILL_TIMEOUT (5 s between SIGTERM and SIGKILL), MASTER_ADDR, MASTER_PORT, NODE_RANK.
-    """
-    plan = plan_launch(config_path, devices, run_mode, rank_table=rank_table, rank_size=rank_size, nodes=nodes,
-                       node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                       predict_data=predict_data, overrides=overrides, names=FLAG_NAMES)
-    return launch(plan, dry_run)
-
-
 def main(argv: list[str] | None = None) -> None:
+    """`python -m glm.launch ...` = `glm launch ...`."""
     from glm.cli import run_cli
+    from glm.commands import launch_command
 
     run_cli(launch_command, argv, prog_name="python -m glm.launch")
 
