@@ -13,11 +13,10 @@ glm/tokenizer.py and the [gMASK] sop prefix added like `GLMTokenizer.encode`.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from glm import GLMError
-from glm.build import write_json_atomic
+from glm.io import atomic_path, write_bytes_atomic, write_json_atomic
 from glm.model.config import GLMConfig
 
 
@@ -112,10 +111,7 @@ def build_fast_tokenizer(tok):
 def write_tokenizer(tok, folder: Path, seq_length: int) -> list[Path]:
     """tokenizer.model (copied), tokenizer.json and tokenizer_config.json into `folder`."""
     folder = Path(folder)
-    written = [folder / "tokenizer.model"]
-    tmp = folder / ".tokenizer.model.tmp"
-    shutil.copyfile(tok.vocab_file, tmp)
-    tmp.replace(written[0])
+    written = [write_bytes_atomic(folder / "tokenizer.model", Path(tok.vocab_file).read_bytes())]
     sp = tok.sp
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_length,
               "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(tok.pad_id),
@@ -128,11 +124,9 @@ def write_tokenizer(tok, folder: Path, seq_length: int) -> list[Path]:
         print("warning: the `tokenizers` package is not installed: tokenizer.json not written "
               "(pip install tokenizers, or use tokenizer.model with sentencepiece)")
     else:
-        path = folder / "tokenizer.json"
-        tmp = folder / ".tokenizer.json.tmp"
-        fast.save(str(tmp))
-        tmp.replace(path)
-        written.append(path)
+        with atomic_path(folder / "tokenizer.json") as tmp:
+            fast.save(str(tmp))
+        written.append(folder / "tokenizer.json")
     written.append(write_json_atomic(config, folder / "tokenizer_config.json"))
     return written
 
