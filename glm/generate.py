@@ -64,8 +64,11 @@ class Generator:
     """
 
     def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64,
-                 decode_chunk: Optional[int] = None):
+                 decode_chunk: Optional[int] = None, vocab_size: Optional[int] = None):
         self.model = model
+        # Ids past the tokenizer's vocabulary (the padding of padded_vocab_size) are never sampled: they
+        # have no text, and an untrained row could still draw one.
+        self.vocab_size = vocab_size
         self.cfg = model.config
         self.use_cache = use_cache
         self.bucket = bucket
@@ -141,6 +144,8 @@ class Generator:
         logits = self._first_logits(rows, lengths)
         chunked = self.use_cache and self.decode_chunk > 1 and all(_is_greedy(g) for g in gens)
         while True:
+            if self.vocab_size is not None:
+                logits[:, self.vocab_size:] = -np.inf
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             chosen = np.zeros(self.rows, np.int64)
             for g, members in groups:
@@ -188,10 +193,19 @@ class Generator:
             for j in range(chunk.shape[1]):
                 active = stop.active
                 check_finite_rows(finite[:, j], active)
+                self._check_vocab(chunk[:, j], active)
                 tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer, stop)
                 lengths = lengths + active
                 if stop.done:
                     return new
+
+    def _check_vocab(self, tokens: np.ndarray, active: np.ndarray) -> None:
+        """The in-graph argmax cannot mask the padding ids; a model that prefers one is untrained there."""
+        if self.vocab_size is not None:
+            bad = np.flatnonzero(active & (tokens >= self.vocab_size))
+            if bad.size:
+                raise GLMError(f"generation: row {int(bad[0])} chose token id {int(tokens[bad[0]])}, past the "
+                               f"tokenizer's {self.vocab_size} ids (an untrained or mismatched checkpoint?)")
 
     def _first_logits(self, rows: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         width = min(_round_up(int(lengths.max()), self.bucket), self.cfg.seq_length)

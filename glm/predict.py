@@ -74,7 +74,7 @@ def _session(cfg: dict, rows: int, run_mode: str):
         raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
                        f"{model.config.padded_vocab_size}")
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode)
-    return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
+    return tok, Generator(model, use_cache=True, vocab_size=tok.vocab_size), generation_config(cfg, tok)
 
 
 def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
