@@ -298,7 +298,7 @@ def _tool_conversations(tok) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def train_tool_model(path: Path, seq: int = 256, steps: int = 150) -> None:
+def train_tool_model(path: Path, seq: int = 320, steps: int = 150) -> None:
     """A tiny GLM3 fitted to the tool-call conversations (loss on the answers only), saved to `path`."""
     import numpy as np
 
@@ -344,8 +344,8 @@ def tool_server(tmp_path_factory):
                            f"train_tool_model(__import__('pathlib').Path({str(ckpt)!r}))"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    srv = Server("--config", TINY3, "--load_checkpoint", str(ckpt), "model.model_config.seq_length=256",
-                 "model.model_config.max_decode_length=256", "serve.batch_size=2")
+    srv = Server("--config", TINY3, "--load_checkpoint", str(ckpt), "model.model_config.seq_length=320",
+                 "model.model_config.max_decode_length=320", "serve.batch_size=2")
     yield srv
     code, err = srv.stop()
     assert code == 0, err[-2000:]
