@@ -374,3 +374,46 @@ def test_msrun_bad_range_for_nodes(job) -> None:
     # msrun options make no sense with a rank table
     r = job.run(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "--master_port is only for the msrun form" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# key=value overrides, output_dir from the resolved config, `python -m glm.launch`
+# ----------------------------------------------------------------------------------------------
+
+def test_overrides_reach_every_rank_and_move_the_logs(job) -> None:
+    # rank-table form, msrun form and standalone: the override is on every rank's command line, and an
+    # overridden output_dir is where the logs go (the config is resolved, not grepped).
+    moved = job.cwd / "moved"
+    for form in ("rt.json", "none"):
+        r = job.run(DISTRIBUTE, form, "cfg.yaml", "[0,2]", "finetune", "runner_config.epochs=3",
+                    f"output_dir={moved}", FAKE_SLEEP="0.5")
+        assert r.returncode == 0, r.stderr
+        for rank in (0, 1):
+            argv = fake_env((moved / "log" / f"rank_{rank}" / "glm.log").read_text())["ARGV"]
+            assert argv == (f"finetune --config {job.cwd}/cfg.yaml --use_parallel True --output_dir {moved} "
+                            f"runner_config.epochs=3 output_dir={moved}")
+    r = job.run(STANDALONE, "cfg.yaml", "0", "eval", "runner_config.batch_size=2")
+    assert r.returncode == 0, r.stderr
+    assert fake_env(job.log(0))["ARGV"].endswith("--output_dir " + str(job.out) + " runner_config.batch_size=2")
+    # predict data and overrides together; a bad override is the config's one-line error, before any launch
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "predict", "a prompt", "seed=3", GLM_LAUNCH_DRY_RUN="1")
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("--predict_data 'a prompt' seed=3"), r.stderr
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "finetune", "runner_config.epoch=3")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "runner_config.epoch" in r.stderr
+    assert "Usage:" not in r.stderr
+
+
+def test_python_m_glm_launch(job) -> None:
+    cmd = [sys.executable, "-m", "glm.launch", "--config", "cfg.yaml", "--devices", "[0,2]", "--run_mode", "eval",
+           "--rank_table", "rt.json", "seed=7"]
+    env = {**job.env, "PYTHONPATH": f"{REPO}{os.pathsep}{job.env.get('PYTHONPATH', '')}"}
+    r = subprocess.run(cmd, cwd=job.cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        env_ = fake_env(job.log(rank))
+        assert (env_["RANK_ID"], env_["DEVICE_ID"], env_["RANK_SIZE"]) == (str(rank), str(rank), "2")
+        assert env_["ARGV"].endswith(f"--output_dir {job.out} seed=7")
+    r = subprocess.run([*cmd[:6], "[0,3)", *cmd[7:]], cwd=job.cwd, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: --devices must look like [0,8] (two non-negative integers), " \
+                                             "got '[0,3)'\n"
