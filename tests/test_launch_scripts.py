@@ -172,16 +172,18 @@ def test_dry_runs(job) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def test_standalone_runs_and_logs(job) -> None:
+    # The job runs in the foreground (it writes its own log, output_dir/log/glm.log, like any single run).
     r = job.run(STANDALONE, "cfg.yaml", "1", "eval")
     assert r.returncode == 0, r.stderr
-    env = fake_env(job.log(0))
+    assert f"log {job.out}/log/glm.log" in r.stderr
+    env = fake_env(r.stdout)
     assert env["DEVICE_ID"] == "1" and env["RANK_ID"] == ""
     assert env["ARGV"] == f"eval --config {job.cwd}/cfg.yaml --use_parallel False --device_id 1 --output_dir {job.out}"
     r = job.run(STANDALONE, "cfg.yaml", "0", "train", FAKE_FAIL_RANK="", FAKE_FAIL_CODE="4")
     assert r.returncode == 0
     r = job.run(STANDALONE, "cfg.yaml", "0", "train", RANK_ID="0", FAKE_FAIL_RANK="0", FAKE_FAIL_CODE="4",
                 FAKE_FAIL_AFTER="0")
-    assert r.returncode == 4 and "see " + str(job.out / "log/rank_0/glm.log") in r.stderr
+    assert r.returncode == 4 and "FAKE_WORKER rank 0 failing" in r.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +396,7 @@ def test_overrides_reach_every_rank_and_move_the_logs(job) -> None:
                             f"runner_config.epochs=3 output_dir={moved}")
     r = job.run(STANDALONE, "cfg.yaml", "0", "eval", "runner_config.batch_size=2")
     assert r.returncode == 0, r.stderr
-    assert fake_env(job.log(0))["ARGV"].endswith("--output_dir " + str(job.out) + " runner_config.batch_size=2")
+    assert fake_env(r.stdout)["ARGV"].endswith("--output_dir " + str(job.out) + " runner_config.batch_size=2")
     # predict data and overrides together; a bad override is the config's one-line error, before any launch
     r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "predict", "a prompt", "seed=3", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 0 and r.stdout.rstrip().endswith("--predict_data 'a prompt' seed=3"), r.stderr
