@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from glm.cli import Command
 from glm.launch import LaunchUsageError, default_entry, launch, plan_launch, resolve_output_dir
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.\-]*=")
@@ -148,7 +149,8 @@ def run_standalone(argv: list[str]) -> int:
 SCRIPTS = {"run_distribute": (run_distribute, DISTRIBUTE_USAGE), "run_standalone": (run_standalone, STANDALONE_USAGE)}
 
 
-@click.command("glm.launch_scripts", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.command("glm.launch_scripts", cls=Command,
+               context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("script", type=click.Choice(list(SCRIPTS)))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def scripts_command(script: str, args: tuple[str, ...]) -> int:
@@ -165,9 +167,7 @@ def scripts_command(script: str, args: tuple[str, ...]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from glm.cli import run_cli
-
-    run_cli(scripts_command, argv, prog_name="python -m glm.launch_scripts")
+    scripts_command.main(argv, prog_name="python -m glm.launch_scripts")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,20 @@ def job(tmp_path: Path):
             return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env={**self.env, **extra},
                                   capture_output=True, text=True, timeout=timeout)
 
+        def call(self, script: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+            """The script's work in-process (no bash, no new interpreter): for the argument checks."""
+            from click.testing import CliRunner
+
+            from glm.launch_scripts import scripts_command
+
+            old = os.getcwd()
+            os.chdir(tmp_path)
+            try:
+                r = CliRunner().invoke(scripts_command, [script.stem, *args], env={**self.env, **extra})
+            finally:
+                os.chdir(old)
+            return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
         def log(self, rank: int) -> str:
             return (self.out / "log" / f"rank_{rank}" / "glm.log").read_text()
 
@@ -104,7 +118,7 @@ def fake_env(log: str) -> dict[str, str]:
     (["cfg.yaml", "0", "serve"], "RUN_STATUS must be"),
 ])
 def test_standalone_bad_arguments(job, args: list[str], message: str) -> None:
-    r = job.run(STANDALONE, *args)
+    r = job.call(STANDALONE, *args)
     assert r.returncode != 0
     assert message in r.stderr and "Usage: bash scripts/run_standalone.sh" in r.stderr
     assert not job.out.exists()
@@ -126,7 +140,7 @@ def test_standalone_bad_arguments(job, args: list[str], message: str) -> None:
     (["rt.json", "cfg.yaml", "[0,2]", "train", "2", "data"], "only accepted with RUN_STATUS predict"),
 ])
 def test_distribute_bad_arguments(job, args: list[str], message: str) -> None:
-    r = job.run(DISTRIBUTE, *args)
+    r = job.call(DISTRIBUTE, *args)
     assert r.returncode != 0
     assert message in r.stderr and "Usage: bash scripts/run_distribute.sh" in r.stderr
     assert not job.out.exists()
@@ -134,10 +148,10 @@ def test_distribute_bad_arguments(job, args: list[str], message: str) -> None:
 
 def test_distribute_invalid_rank_table(job) -> None:
     write_rank_table(job.cwd / "rt4.json", 4)
-    r = job.run(DISTRIBUTE, "rt4.json", "cfg.yaml", "[0,2]", "train")
+    r = job.call(DISTRIBUTE, "rt4.json", "cfg.yaml", "[0,2]", "train")
     assert r.returncode != 0 and "it has 4 ranks but RANK_SIZE is 2" in r.stderr
     (job.cwd / "bad.json").write_text('{"version": "1.0"}')
-    r = job.run(DISTRIBUTE, "bad.json", "cfg.yaml", "[0,2]", "train")
+    r = job.call(DISTRIBUTE, "bad.json", "cfg.yaml", "[0,2]", "train")
     assert r.returncode != 0 and "bad.json" in r.stderr and "status" in r.stderr
     assert not pids_matching(job.marker)
 
@@ -362,19 +376,19 @@ def test_msrun_options_dry_run(job) -> None:
     ([], {"CLUSTER_TIME_OUT": "soon"}, "CLUSTER_TIME_OUT must be a number of seconds"),
 ])
 def test_msrun_bad_options(job, args: list[str], env: dict, message: str) -> None:
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", *args, GLM_LAUNCH_DRY_RUN="1", **env)
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", *args, GLM_LAUNCH_DRY_RUN="1", **env)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Usage: bash scripts/run_distribute.sh" in r.stderr
     assert "[dry run]" not in r.stdout and not job.out.exists()
 
 
 def test_msrun_bad_range_for_nodes(job) -> None:
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[1,3]", "train", "4", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[1,3]", "train", "4", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "DEVICE_RANGE [1,3] is not one whole node: START must be a multiple of 2" in r.stderr
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[4,6]", "train", "--nodes", "2", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[4,6]", "train", "--nodes", "2", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "DEVICE_RANGE [4,6] is beyond the 4 ranks of --nodes 2" in r.stderr
     # msrun options make no sense with a rank table
-    r = job.run(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "--master_port is only for the msrun form" in r.stderr
 
 
