@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from glm import GLMError
+from glm.io import write_json_atomic  # noqa: F401  (its home is glm.io; kept importable from here)
 from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
@@ -130,7 +129,7 @@ def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
     else:
         what = f"a LoRA adapter (rank {saved.get('lora_rank')})"
         keys = ["lora_rank", "target_modules"]
-        fix = "add the same pet_config, or merge it first with tools/merge_lora.py"
+        fix = "add the same pet_config, or merge it first with glm merge-lora"
     if pet is None:
         raise GLMError(f"load_checkpoint {path}: this is {what} but the config has no "
                        f"model.model_config.pet_config; {fix}")
@@ -141,15 +140,6 @@ def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
         if saved.get(key) != pet.get(key):
             raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "
                            f"model.model_config.pet_config.{key} is {pet.get(key)!r}")
-
-
-def write_json_atomic(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def peak_rss_mb() -> float:
