@@ -19,11 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints, write_json_atomic
+from glm.build import build_model, generation_config, init_process, load_checkpoints
 from glm.chat_format import parse_reply, reply_text
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
+from glm.io import write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
 
