@@ -59,8 +59,20 @@ TOKENIZER = {
     **{k: ((str, NONE), None)
        for k in ("bos_token", "eos_token", "end_token", "mask_token", "gmask_token", "pad_token", "unk_token")},
 }
+COLUMNS = {  # data_loader.columns: the JSON key holding each field (null: origin_columns / the format's default)
+    "prompt": ((str, NONE), None),         # adgen: the prompt (default origin_columns[0], "content")
+    "response": ((str, NONE), None),       # adgen: the answer (default origin_columns[1], "summary")
+    "history": ((str, NONE), None),        # adgen: [[query, response], ...] earlier rounds of the [Round n] prompt
+    "conversations": ((str, NONE), None),  # conversations: the message list (default "conversations")
+    "tools": ((str, NONE), None),          # conversations: the tool list (default "tools")
+    "system": ((str, NONE), None),         # conversations: a per-line system prompt put first (default: none)
+}
 DATA_LOADER = {
     "type": (frozenset({"ADGenDataLoader"}), "ADGenDataLoader"),
+    # adgen: prompt/answer pairs (KeyWordGen, version 2/3); conversations: ChatGLM3 messages with tools,
+    # loss on the assistant turns (needs ChatGLM3Tokenizer; version does not apply)
+    "format": (frozenset({"adgen", "conversations"}), "adgen"),
+    "columns": (COLUMNS, {}),
     "dataset_dir": (str, ""),
     "shuffle": (bool, False),
     "phase": (frozenset({"train", "eval"}), "train"),

@@ -243,29 +243,50 @@ def print_plan(plan: LaunchPlan) -> None:
     click.echo(shlex.join(plan.command))
 
 
-def _alive(pgid: int) -> bool:
+def _group_alive(p: subprocess.Popen) -> bool:
+    """True while the process or anything left in its process group runs (the process is reaped first:
+    a zombie leader would keep its group looking alive)."""
+    p.poll()
     try:
-        os.killpg(pgid, 0)
-        return True
+        os.killpg(p.pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    return p.returncode is None or _has_members(p.pid)
 
 
-def stop_groups(pgids: list[int], grace: float) -> None:
-    """SIGTERM every process group, SIGKILL those still alive after `grace` seconds."""
-    for pgid in pgids:
+def _has_members(pgid: int) -> bool:
+    """Any live process in group `pgid` (after its leader exited): /proc, where there is one."""
+    try:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] != "Z" and int(fields[2]) == pgid:
+                    return True
+        return False
+    except OSError:
+        return True   # no /proc: assume alive, the SIGKILL below settles it
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process group, SIGKILL those still alive after `grace` seconds; reap the processes."""
+    for p in procs:
         try:
-            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pgids):
+    while time.monotonic() < deadline and any(_group_alive(p) for p in procs):
         time.sleep(0.1)
-    for pgid in pgids:
+    for p in procs:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        p.wait()
 
 
 def _exit_text(code: int) -> str:
@@ -294,9 +315,7 @@ def run_plan(plan: LaunchPlan, poll: float = 0.5) -> int:
     stopping = []
 
     def stop_all() -> None:
-        stop_groups([p.pid for _, p in started], grace)
-        for _, p in started:
-            p.wait()
+        stop_groups([p for _, p in started], grace)
 
     def on_signal(signum: int, frame: object) -> None:
         if stopping:

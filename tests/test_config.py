@@ -56,7 +56,8 @@ def test_shipped_config_loads(path):
     assert ("lora" in path.name or "ptuning" in path.name) == (mc["pet_config"] is not None)
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if "tiny" in p.name], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "tiny" in p.name and "chat" not in p.name],  # chat: test_conversations
+                         ids=lambda p: p.name)
 def test_tiny_configs(path):
     cfg = load_config(path)
     mc = cfg["model"]["model_config"]
