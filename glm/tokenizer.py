@@ -10,8 +10,6 @@ This module must stay importable without MindSpore (tools and the CLI's config c
 
 from __future__ import annotations
 
-import ast
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -20,6 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from glm import GLMError
+from glm.chat_format import chat_prompt_ids, normalize_messages
 
 # A GLM2 history is a list of (query, response) pairs; a GLM3 one a list of {"role", "content", ...} dicts.
 History = Sequence[Union[Sequence[str], dict]]
@@ -180,69 +179,16 @@ class ChatGLM3Tokenizer(GLMTokenizer):
         return [self.role_id(role)] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
 
     def build_chat_input(self, query: str, history: History | None = None, role: str = "user") -> list[int]:
-        """[gMASK] sop, every history message, the new message, then <|assistant|> to prompt the reply."""
-        ids = list(self.prefix)
-        for item in _as_messages(history or []):
-            content = item.get("content", "")
-            if item["role"] == "system" and item.get("tools"):
-                # The reference forgets `import json` here and raises NameError.
-                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-            ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
-        ids += self.build_single_message(role, "", query)
-        return ids + [self.special_tokens["<|assistant|>"]]
+        """[gMASK] sop, every history message, the new message, then <|assistant|> to prompt the reply.
+
+        Built by glm.chat_format (the one GLM3 message builder); a system item's "tools" join its content as
+        ChatGLM3 does (the reference forgets `import json` there and raises NameError).
+        """
+        self.role_id(role)
+        return chat_prompt_ids(self, normalize_messages(_as_messages(history or []) + [{"role": role, "content": query}]))
 
     def build_generation_input(self, query: str, history: History | None = None) -> list[int]:
         return self.build_chat_input(query, history)
-
-
-# ChatGLM3's tool use (its tool_using demo): the system message lists the tools as JSON after this text; a
-# call is an assistant message whose metadata is the tool name and whose content is
-# "```python\ntool_call(arg=value, ...)\n```"; the result comes back as an <|observation|> message.
-TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
-
-
-def format_tool_call(name: str, arguments: dict) -> dict:
-    """The assistant message of a GLM3 tool call: {"role": "assistant", "metadata": name, "content": ...}."""
-    args = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
-    return {"role": "assistant", "metadata": name, "content": f"```python\ntool_call({args})\n```"}
-
-
-def split_glm3_reply(text: str) -> tuple[str, str]:
-    """A GLM3 reply is "metadata\ncontent": (tool name or "", content). Text without the metadata line (a
-    model not trained on the chat format) is all content."""
-    head, sep, rest = text.partition("\n")
-    if not sep:
-        return "", text.strip()
-    if not head.strip():
-        return "", rest.strip()
-    if any(ch.isspace() for ch in head.strip()):   # a sentence, not a tool name
-        return "", text.strip()
-    return head.strip(), rest
-
-
-def parse_tool_call(content: str) -> dict | None:
-    """The keyword arguments of "```python\ntool_call(a=1, b='x')\n```" (or of a bare JSON object), None if
-    the content is neither. Literals only: nothing is evaluated."""
-    body = content.strip()
-    if body.startswith("```"):
-        body = body.split("\n", 1)[1] if "\n" in body else ""
-        body = body.rsplit("```", 1)[0].strip()
-    if body.startswith("{"):
-        try:
-            value = json.loads(body)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-    try:
-        node = ast.parse(body, mode="eval").body
-    except SyntaxError:
-        return None
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
-        return None
-    try:
-        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
-    except ValueError:
-        return None
 
 
 def _as_pairs(history: History) -> list[tuple[str, str]]:
@@ -266,7 +212,7 @@ def _as_messages(history: History) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             if "role" not in item:
                 raise GLMError(f"history item {item!r}: missing 'role'")
-            out.append(item)
+            out.append({"content": "", **item})
         elif len(item) == 2:
             out += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
         else:

@@ -277,25 +277,20 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]
 CITIES = {"北京": "晴，22度", "上海": "小雨，18度", "广州": "多云，28度"}
 
 
-def _tool_conversations(tok) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) pairs, the prompts built by the server's own message encoder."""
-    from glm.serve.protocol import ChatRequest, encode_messages
-    from glm.tokenizer import format_tool_call
+def _tool_conversations(tok) -> list[tuple[list[int], list[bool]]]:
+    """(ids, target flags) of each conversation, from glm.chat_format (the builder training and the server
+    share): a tool call, its observation, the answer."""
+    from glm.chat_format import conversation_ids, normalize_messages
 
-    eos, obs = tok.eos_id, tok.special_tokens["<|observation|>"]
-    pairs = []
+    out = []
     for city, weather in CITIES.items():
-        user = [{"role": "user", "content": f"{city}天气怎么样"}]
-        ids, _ = encode_messages(tok, ChatRequest(model="m", messages=user, tools=TOOLS))
-        call = format_tool_call("get_weather", {"city": city})
-        pairs.append((ids, tok.sp.encode("get_weather\n") + tok.sp.encode(call["content"]) + [obs]))
-        args = json.dumps({"city": city}, ensure_ascii=False)
-        turn = user + [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"weather": weather}, ensure_ascii=False)}]
-        ids, _ = encode_messages(tok, ChatRequest(model="m", messages=turn, tools=TOOLS))
-        pairs.append((ids, tok.sp.encode("\n") + tok.sp.encode(f"{city}今天{weather}") + [eos]))
-    return pairs
+        conv = [{"role": "user", "content": f"{city}天气怎么样"},
+                {"role": "assistant", "metadata": "get_weather", "content": json.dumps({"city": city},
+                                                                                       ensure_ascii=False)},
+                {"role": "observation", "content": json.dumps({"weather": weather}, ensure_ascii=False)},
+                {"role": "assistant", "content": f"{city}今天{weather}"}]
+        out.append(conversation_ids(tok, normalize_messages(conv, tools=[t["function"] for t in TOOLS])))
+    return out
 
 
 def train_tool_model(path: Path, seq: int = 320, steps: int = 150) -> None:
@@ -313,15 +308,16 @@ def train_tool_model(path: Path, seq: int = 320, steps: int = 150) -> None:
     setup_context("CPU", 0)
     cfg = apply_overrides(load_config(str(REPO / TINY3)), [f"model.model_config.seq_length={seq}"])
     tok = ChatGLM3Tokenizer(REPO / "data/sample/tokenizer.model")
-    pairs = _tool_conversations(tok)
-    width = -(-max(len(p) + len(t) for p, t in pairs) // 16) * 16
-    ids = np.zeros((len(pairs), width), np.int32)
-    labels = np.full((len(pairs), width), -100, np.int32)
-    for row, (prompt, target) in enumerate(pairs):
-        full = prompt + target
-        assert len(full) <= seq, len(full)
-        ids[row, :len(full)] = full
-        labels[row, len(prompt) - 1:len(full) - 1] = target      # labels[t] = the token after position t
+    convs = _tool_conversations(tok)
+    width = -(-max(len(c) for c, _ in convs) // 16) * 16
+    assert width <= seq, width
+    ids = np.zeros((len(convs), width), np.int32)
+    labels = np.full((len(convs), width), -100, np.int32)
+    for row, (conv, target) in enumerate(convs):
+        ids[row, :len(conv)] = conv
+        for t in range(1, len(conv)):            # labels[t - 1] = the token at t, when it is a target
+            if target[t]:
+                labels[row, t - 1] = conv[t]
     model, _ = build_model(cfg)
     step = TrainStep(model, AdamW(model.trainable_params()), 1.0, None, 1)
     model.set_train(True)

@@ -14,7 +14,7 @@ from glm.generate import GenerationConfig, Generator
 from glm.serve.app import create_app
 from glm.serve.engine import Engine
 from glm.serve.protocol import ReplyStream, parse_reply
-from glm.tokenizer import ChatGLM2Tokenizer, format_tool_call
+from glm.tokenizer import ChatGLM2Tokenizer
 
 
 class _Cfg:
@@ -109,14 +109,15 @@ def test_waiting_requests_share_one_batch_and_stop_strings_cut_across_tokens(tok
 
 def test_glm3_reply_stream_matches_the_final_parse():
     tools = [{"name": "get_weather"}]
-    call = format_tool_call("get_weather", {"city": "上海"})
-    cases = ["\n 上海今天小雨", "get_weather\n" + call["content"], "get_w", "getaway car\nis here",
-             "上海\n下雨", "get_weather\nnot a call"]
+    call = '{"city": "上海"}'
+    python_call = "```python\ntool_call(city='上海')\n```"     # ChatGLM3's own demo format
+    cases = ["\n 上海今天小雨", "get_weather\n" + call, "get_weather\n" + python_call, "get_w",
+             "getaway car\nis here", "上海\n下雨", "get_weather\nnot a call", "\n两行\n回答 "]
     for text in cases:
         stream = ReplyStream(tools, glm3=True)
         shown = "".join(stream.feed(ch) for ch in text)
         last, streamed_call = stream.finish()
         content, final_call = parse_reply(text, tools, glm3=True)
         assert shown + last == content and streamed_call == final_call, text
-    assert parse_reply("get_weather\n" + call["content"], tools, True)[1] == {
-        "name": "get_weather", "arguments": '{"city": "上海"}'}
+    for text in ("get_weather\n" + call, "get_weather\n" + python_call):
+        assert parse_reply(text, tools, True)[1] == {"name": "get_weather", "arguments": '{"city": "上海"}'}

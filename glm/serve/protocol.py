@@ -7,20 +7,16 @@ Only what the model can honour is accepted: a field that would change the answer
 
 from __future__ import annotations
 
+import ast
 import json
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from glm import GLMError
+from glm.chat_format import ChatFormatError, chat_prompt_ids, normalize_messages, reply_text
+from glm.chat_format import parse_reply as split_reply
 from glm.generate import GenerationConfig
-from glm.tokenizer import (
-    TOOLS_SYSTEM_PROMPT,
-    ChatGLM3Tokenizer,
-    format_tool_call,
-    parse_tool_call,
-    split_glm3_reply,
-)
+from glm.tokenizer import ChatGLM3Tokenizer
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -212,23 +208,21 @@ def _encode_glm2(tok, msgs: list[Message]) -> list[int]:
 
 
 def _encode_glm3(tok: ChatGLM3Tokenizer, req: ChatRequest) -> tuple[list[int], list[dict]]:
+    """OpenAI messages -> glm.chat_format messages (the builder training and predict use): a tool call is an
+    assistant turn with the tool name as metadata and the JSON arguments as content; a tool result is an
+    observation; the tools join the system turn (or ChatGLM3's tool prompt)."""
     tools = _tools_for(req)
-    history: list[dict] = []
-    if tools and not any(m.role in ("system", "developer") for m in req.messages):
-        history.append({"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": tools})
+    conversation: list[dict] = []
     for i, m in enumerate(req.messages):
         if m.role in ("system", "developer"):
-            item: dict = {"role": "system", "content": m.text()}
-            if tools and not any(h.get("tools") for h in history):
-                item["tools"] = tools
-            history.append(item)
+            conversation.append({"role": "system", "content": m.text()})
         elif m.role == "user":
-            history.append({"role": "user", "content": m.text()})
+            conversation.append({"role": "user", "content": m.text()})
         elif m.role == "tool":
-            history.append({"role": "observation", "content": m.text()})
+            conversation.append({"role": "observation", "content": m.text()})
         elif m.tool_calls:
             if m.text():
-                history.append({"role": "assistant", "content": m.text()})
+                conversation.append({"role": "assistant", "content": m.text()})
             for call in m.tool_calls:
                 try:
                     args = json.loads(call.function.arguments or "{}")
@@ -237,27 +231,52 @@ def _encode_glm3(tok: ChatGLM3Tokenizer, req: ChatRequest) -> tuple[list[int], l
                                        "valid JSON", "messages") from None
                 if not isinstance(args, dict):
                     raise RequestError(f"messages[{i}].tool_calls: arguments must be a JSON object", "messages")
-                history.append(format_tool_call(call.function.name, args))
+                conversation.append({"role": "assistant", "metadata": call.function.name,
+                                     "content": json.dumps(args, ensure_ascii=False)})
         else:
-            history.append({"role": "assistant", "content": m.text()})
-    last = history.pop()
+            conversation.append({"role": "assistant", "content": m.text()})
     try:
-        return tok.build_chat_input(last["content"], history, role=last["role"]), tools
-    except GLMError as e:
-        raise RequestError(str(e), "messages") from None
+        return chat_prompt_ids(tok, normalize_messages(conversation, tools=tools or None)), tools
+    except ChatFormatError as e:
+        raise RequestError(f"messages: {e}", "messages") from None
+
+
+def tool_arguments(body: str) -> Optional[dict]:
+    """The arguments of a tool call's content: a JSON object (this project's format), or ChatGLM3's
+    "```python\ntool_call(a=1)\n```" (literals only: nothing is evaluated); None if neither."""
+    body = body.strip()
+    if body.startswith("```"):
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        body = body.rsplit("```", 1)[0].strip()
+    if body.startswith("{"):
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+    try:
+        node = ast.parse(body, mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+        return None
+    try:
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+    except ValueError:
+        return None
 
 
 def parse_reply(text: str, tools: list[dict], glm3: bool) -> tuple[str, Optional[dict]]:
     """(content, tool call {"name", "arguments"} or None) of a finished reply. GLM2 text is returned as
-    generated (as --run_mode predict prints it); GLM3 text loses its metadata line and outer whitespace."""
+    generated (as --run_mode predict prints it); GLM3 text loses its metadata line (glm.chat_format)."""
     if not glm3:
         return text, None
-    name, body = split_glm3_reply(text)
+    name, body = split_reply(text)
     if name and name in {t["name"] for t in tools}:
-        args = parse_tool_call(body)
+        args = tool_arguments(body)
         if args is not None:
             return "", {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}
-    return text.strip(), None
+    return reply_text(name, body), None
 
 
 class ReplyStream:
@@ -283,7 +302,8 @@ class ReplyStream:
                 maybe_call = any(n.startswith(head) for n in self.names)
             if maybe_call:
                 return ""
-            visible = self.raw.strip()
+            # The final content, less a trailing blank that may still be stripped away.
+            visible = parse_reply(self.raw, [], True)[0].rstrip()
         return self._delta(visible)
 
     def finish(self) -> tuple[str, Optional[dict]]:
