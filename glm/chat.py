@@ -113,9 +113,11 @@ def run_chat(cfg: dict, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) 
     import glm.predict as predict
 
     name = (cfg.get("trainer") or {}).get("model_name") or "the model"
-    stdout.write(f"loading {name}… (the first start compiles the model)\n")
+    stdout.write(f"loading {name}… (building and compiling the model)\n")
     stdout.flush()
     tok, generator, gen = predict._session(cfg, 1, "chat")
+    if hasattr(generator, "warm_up"):
+        generator.warm_up(gen)
     chat = ChatSession(tok, generator, gen)
     stdout.write("chat: type a message; /help lists the commands, /reset clears the history, /exit quits\n")
     while True:

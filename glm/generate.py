@@ -12,7 +12,7 @@ produced, or the client went away).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -66,7 +66,7 @@ class Generator:
     def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64,
                  decode_chunk: Optional[int] = None, vocab_size: Optional[int] = None):
         self.model = model
-        # Ids past the tokenizer's vocabulary (the padding of padded_vocab_size) are never sampled: they
+        # Ids past the tokenizer's vocabulary (the padding of padded_vocab_size) are never chosen: they
         # have no text, and an untrained row could still draw one.
         self.vocab_size = vocab_size
         self.cfg = model.config
@@ -107,6 +107,13 @@ class Generator:
                 cb = (lambda off: (lambda r, t: streamer(r + off, t)))(start)
             outputs.extend(self._generate_chunk(chunk, chunk_gens, rngs, cb, per_row))
         return outputs
+
+    def warm_up(self, gen: GenerationConfig) -> None:
+        """Compile the prefill, the one-step decode and the greedy chunk now (graph mode compiles on first
+        use), so that the first user of a chat or a server does not wait for them."""
+        prompt = [[gen.pad_token_id + 1] * 4] * self.rows
+        self.generate(prompt, replace(gen, do_sample=False, max_new_tokens=self.decode_chunk + 2, max_length=None))
+        self.generate(prompt, replace(gen, do_sample=True, top_k=0, max_new_tokens=2, max_length=None))
 
     # ------------------------------------------------------------------ internals
     def budget(self, prompt: Sequence[int], gen: GenerationConfig, index: int = 0) -> int:
@@ -185,7 +192,7 @@ class Generator:
     def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer) -> list[list[int]]:
         """Greedy decoding `decode_chunk` tokens per graph call; the host replays the stop rules."""
         if self._greedy is None:
-            self._greedy = GreedyChunk(self.model, self.decode_chunk)
+            self._greedy = GreedyChunk(self.model, self.decode_chunk, self.vocab_size)
         last_slot = self.cfg.seq_length - 1
         while True:
             # Each row's last token sits at position length - 1 of its sequence.
@@ -195,19 +202,10 @@ class Generator:
             for j in range(chunk.shape[1]):
                 active = stop.active
                 check_finite_rows(finite[:, j], active)
-                self._check_vocab(chunk[:, j], active)
                 tokens = self._record(stop.step(chunk[:, j]), active, new, seqs, eos, streamer, stop)
                 lengths = lengths + active
                 if stop.done:
                     return new
-
-    def _check_vocab(self, tokens: np.ndarray, active: np.ndarray) -> None:
-        """The in-graph argmax cannot mask the padding ids; a model that prefers one is untrained there."""
-        if self.vocab_size is not None:
-            bad = np.flatnonzero(active & (tokens >= self.vocab_size))
-            if bad.size:
-                raise GLMError(f"generation: row {int(bad[0])} chose token id {int(tokens[bad[0]])}, past the "
-                               f"tokenizer's {self.vocab_size} ids (an untrained or mismatched checkpoint?)")
 
     def _first_logits(self, rows: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         width = min(_round_up(int(lengths.max()), self.bucket), self.cfg.seq_length)

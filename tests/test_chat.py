@@ -144,7 +144,16 @@ class Terminal:
             ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.time()))
             if not ready:
                 raise AssertionError(f"waited for {text!r}; the terminal shows:\n{self.seen[-2000:]}")
-            self.seen += os.read(self.master, 65536).decode("utf-8", "replace")
+            try:
+                self.seen += os.read(self.master, 65536).decode("utf-8", "replace")
+            except OSError:   # EIO: the program closed the terminal (it exited)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    pass
+                err = self.proc.stderr.read().decode("utf-8", "replace") if self.proc.poll() is not None else ""
+                raise AssertionError(f"waited for {text!r}, but the program ended ({self.proc.poll()}):\n"
+                                     f"{self.seen[-2000:]}\n{err[-2000:]}") from None
         return self.seen
 
     def type(self, line: str) -> None:
@@ -168,7 +177,7 @@ def test_chat_in_a_terminal(tmp_path):
         term.type("/system 你是裁缝")
         term.expect("(system prompt set: 你是裁缝; new conversation)")
         term.type("类型#裙*颜色#红色")
-        term.expect(">>> ", 60)
+        term.expect(">>> ", 120)
         term.type("类型#裤*颜色#蓝色")
         term.expect("(dropped the 1 oldest turn to fit the 48-token window)")
         term.expect(">>> ", 60)

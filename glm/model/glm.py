@@ -208,11 +208,13 @@ class GreedyChunk(nn.Cell):
     discard tokens beyond their budget.
     """
 
-    def __init__(self, lm: GLMForCausalLM, steps: int):
+    def __init__(self, lm: GLMForCausalLM, steps: int, vocab_size: int | None = None):
         super().__init__(auto_prefix=False)
         if not lm.config.use_past:
             raise ValueError("GreedyChunk needs a model built with use_past=True")
         self.lm, self.steps = lm, steps
+        # Only the tokenizer's ids are choosable (the padding of padded_vocab_size has no text).
+        self.vocab = vocab_size or lm.config.padded_vocab_size
         self.last_slot = lm.config.seq_length - 1
 
     def construct(self, tokens: Tensor, positions: Tensor):
@@ -224,7 +226,7 @@ class GreedyChunk(nn.Cell):
         chosen, finite = [], []
         for _ in range(self.steps):
             hidden, past = self.lm.cached_hidden(tokens, positions, past)
-            logits = self.lm.logits(hidden.reshape(b, -1))
+            logits = self.lm.logits(hidden.reshape(b, -1))[:, :self.vocab]
             finite.append(ops.isfinite(logits.max(-1)))
             tokens = ops.argmax(logits, -1).astype(ms.int32).reshape(b, 1)
             chosen.append(tokens)

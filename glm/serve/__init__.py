@@ -44,16 +44,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _warm_up(generator, gen) -> None:
-    """Compile the prefill, the one-step decode and the greedy chunk before the first client waits for them."""
-    from dataclasses import replace
-
-    prompt = [[gen.pad_token_id + 1] * 4] * generator.rows
-    steps = generator.decode_chunk + 2
-    generator.generate(prompt, replace(gen, do_sample=False, max_new_tokens=steps, max_length=None))
-    generator.generate(prompt, replace(gen, do_sample=True, top_k=0, max_new_tokens=2, max_length=None))
-
-
 def _server_class():
     import uvicorn
 
@@ -80,7 +70,7 @@ def run_serve(cfg: dict) -> None:
     sock = _bind(s["host"], int(s["port"]))   # fail fast on a taken port, before minutes of loading
     print(f"loading {s['model_name']} (batch of {s['batch_size']})…", file=sys.stderr, flush=True)
     tok, generator, gen = _session(cfg, s["batch_size"], "serve")
-    _warm_up(generator, gen)
+    generator.warm_up(gen)
     engine = Engine(tok, generator, s["max_queue"])
     engine.start()
     app = create_app(engine, s["model_name"], gen)
