@@ -19,10 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints, write_json_atomic
+from glm.build import build_model, generation_config, init_process, load_checkpoints
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
+from glm.io import write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
 
