@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from glm import GLMError
+from glm.io import write_bytes_atomic
 
 LOG_NAME = "log/glm.log"
 PLOTS = "plots"
@@ -265,16 +266,7 @@ def _figure(runs: dict[str, list[dict]], key: str, ylabel: str, title: str, smoo
 def _save_png(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _write_atomic(buf.getvalue(), path)
-
-
-def _write_atomic(data: bytes, path: Path) -> Path:
-    # TODO(H15b): use glm/io.py's helper once it lands.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
