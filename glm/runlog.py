@@ -141,8 +141,9 @@ class RunLog:
     """The per-run writer of metrics.jsonl lines (stamped with run id and config hash) and, when
     tensorboard.tensorboard_dir is set, the same scalars as TensorBoard events."""
 
-    def __init__(self, cfg: dict, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True):
-        self.run_id, self.config_hash = new_run_id(), config_hash(cfg)
+    def __init__(self, cfg: dict, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True,
+                 run_id: Optional[str] = None):
+        self.run_id, self.config_hash = run_id or new_run_id(), config_hash(cfg)
         self.out = out
         self.metrics_path = out / metrics_name
         out.mkdir(parents=True, exist_ok=True)

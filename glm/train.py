@@ -164,8 +164,7 @@ class Trainer:
               f"{self.epochs} epochs, global batch {self.batch_size * self.accumulate * self.proc.world}, "
               f"world {self.proc.world}", flush=True)
         log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
-        log = RunLog(self.cfg, self.out, log_name, main=self.proc.is_main)
-        log.run_id = self.run_id
+        log = RunLog(self.cfg, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
         bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
                    dynamic_ncols=True, desc=self.run_mode, file=terminal(sys.stderr))
         seq = self.model.config.seq_length

@@ -119,3 +119,54 @@ def test_log_to_file_copies_both_streams_and_the_error(tmp_path, capsys):
 def test_fmt():
     assert fmt(7.544723987579346) == "7.5447" and fmt(0.7550022602081299) == "0.7550"
     assert fmt(1.5e-5) == "1.5e-05" and fmt(3) == "3.0000" and fmt(None) == "None"
+
+
+# ------------------------------------------------------------------------- a real run (the shared tiny_run)
+def read_tensorboard(folder) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files in `folder`, read back from the TFRecord framing
+    (u64 length, u32 crc, payload, u32 crc) with tensorboardX's Event protobuf."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert files, f"no event file in {folder}"
+    for path in files:
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+def test_a_training_run_leaves_a_log_curves_and_tensorboard_events(tiny_run):
+    """The README's first command, shortened to 8 steps with tensorboard.tensorboard_dir set."""
+    records = tiny_run.records
+    run_id, cfg_hash = records[0]["run_id"], records[0]["config_hash"]
+    assert {(r["run_id"], r["config_hash"]) for r in records} == {(run_id, cfg_hash)} and len(records) == 8
+    summary = tiny_run.summary
+    assert (summary["run_id"], summary["config_hash"]) == (run_id, cfg_hash)
+    # glm.log: the header naming the run, then the terminal's lines, the done line with rounded losses
+    log = tiny_run.log.splitlines()
+    assert log[0].startswith(f"=== run {run_id} (finetune, config {cfg_hash}) started ")
+    assert any(line.startswith("training: 887,936 parameters") for line in log)
+    assert any(line.startswith("step 1/8 epoch 1 loss ") for line in log)
+    first, last = records[0]["loss"], records[-1]["loss"]
+    done = [line for line in log if line.startswith("done: ")]
+    assert done == [f"done: 8 steps, loss {first:.4f} -> {last:.4f}; weights: {tiny_run.weights}"]
+    # curves: one PNG per scalar, listed in the summary
+    plots = tiny_run.out / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["grad_norm.png", "learning_rate.png", "loss.png",
+                                                      "tokens_per_s.png"]
+    assert summary["plots"] == [str(plots / n) for n in ("loss.png", "learning_rate.png", "grad_norm.png",
+                                                         "tokens_per_s.png")]
+    # TensorBoard: <tensorboard_dir>/<run_id>/, the metrics.jsonl scalars at their steps
+    tb = read_tensorboard(tiny_run.out / "tensorboard" / run_id)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert [s for s, _ in tb[f"train/{key}"]] == [r["step"] for r in records]
+        assert [v for _, v in tb[f"train/{key}"]] == pytest.approx([r[key] for r in records], rel=1e-6)
