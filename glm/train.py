@@ -266,7 +266,9 @@ class Trainer:
         rng = {"seed": self.cfg.get("seed", 0), "rank": self.proc.rank,
                "dropout_counter": self.dropout_rng.value() if self.dropout_rng else None}
         return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0), "rng": rng,
-                "lora": self.lora, "base_checkpoint": self.base_checkpoint if self.lora else None,
+                # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
+                "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
+                "base_checkpoint": self.base_checkpoint if self.lora else None,
                 "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
 
     def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
@@ -277,7 +279,8 @@ class Trainer:
         prune(directory, self.keep)
 
     def _save_weights(self) -> Path:
-        """Weights-only file for eval/predict/merging: the whole model, or just the adapter for LoRA."""
+        """Weights-only file for eval/predict/merging: the whole model, or just the adapter (LoRA factors
+        or the P-Tuning v2 prefix encoder)."""
         kind = "adapter" if self.lora else "network"
         path = rank_dir(self.out, self.proc.rank, "checkpoint_network") / \
             f"{self.prefix}_rank_{self.proc.rank}-{kind}.ckpt"
