@@ -124,6 +124,9 @@ def test_validate_the_tiny_config(glm, tmp_path):
                    f"(relative paths are read from {REPO})"
     assert "load_checkpoint" in one_error(glm("validate", TINY2, f"load_checkpoint={tmp_path}/w.ckpt"))
     assert "config file not found" in one_error(glm("validate", str(tmp_path / "missing.yaml")))
+    (tmp_path / "tok.model").write_text("not a sentencepiece model")
+    assert "is not a sentencepiece model" in one_error(
+        glm("validate", TINY2, f"train_dataset.tokenizer.vocab_file={tmp_path}/tok.model"))
 
 
 # ----------------------------------------------------------------------------------------- rank tables
@@ -223,3 +226,16 @@ def test_plot_a_run_folder(glm, tmp_path):
     assert tmp_path / "plots" / "loss.png" in written
     assert all(p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert "no such run folder" in one_error(glm("plot", tmp_path / "nothing"))
+
+
+def test_launcher_and_validate_never_import_mindspore():
+    """The launcher reads the config (output_dir) and validate checks it: neither may pay MindSpore's import
+    (seconds per launch), which reading a P-Tuning v2 config once did."""
+    code = ("import sys\nfrom glm.launch import plan_launch\nfrom glm.cli import call\n"
+            f"plan_launch({TINY2!r}, '[0,2]', 'finetune', overrides=('runner_config.epochs=2',))\n"
+            f"assert call(['validate', {TINY2!r}]) == 0\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mindspore', 'torch', 'transformers'))\n"
+            "assert not heavy, heavy[:5]\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
