@@ -325,8 +325,9 @@ def test_shipped_chat_sample_regenerates_and_uses_the_tiny_tokenizers_pieces(tmp
     tok = ChatGLM3Tokenizer(SAMPLE / "tokenizer.model")
     kinds = {"tool": 0, "rounds": 0, "single": 0}
     for name in ("chat_train.json", "chat_dev.json"):
-        records, _, stats = load(SAMPLE / name, tok, src=192, tgt=63)
-        assert stats["samples"] == len(records) == stats["lines_read"] and stats["dropped_turns"] == 0
+        records, _, stats = load(SAMPLE / name, tok, src=192, tgt=71)  # the chat config's lengths
+        assert stats["samples"] == len(records) == stats["lines_read"]
+        assert stats["dropped_turns"] == stats["truncated_target"] == 0   # every line fits whole
         for r in records:
             roles = [m.role for m in r.messages]
             kinds["tool" if "observation" in roles else "rounds" if roles.count("user") > 1 else "single"] += 1
