@@ -114,7 +114,10 @@ def test_usage_errors_are_one_line(glm):
 def test_validate_the_tiny_config(glm, tmp_path):
     rc, out, err = glm("validate", TINY2)
     assert rc == 0, err
-    assert out.strip() == f"{TINY2}: ok (run_mode finetune, output_dir ./output, 2 file(s) found)"
+    import yaml
+
+    output_dir = yaml.safe_load((REPO / TINY2).read_text()).get("output_dir") or "./output"
+    assert out.strip() == f"{TINY2}: ok (run_mode finetune, output_dir {output_dir}, 2 file(s) found)"
     rc, out, _ = glm("validate", TINY2, "--run_mode", "eval", "output_dir=/tmp/elsewhere")
     assert rc == 0 and "run_mode eval, output_dir /tmp/elsewhere" in out
     line = one_error(glm("validate", TINY2, "runner_config.epoch=3"))
