@@ -249,6 +249,9 @@ def test_column_mapping_for_conversations(tmp_path):
     expected, _ = chatglm3_like(tok, [{"role": "system", "content": "Shop.\n" + json.dumps([{"name": "f"}], indent=4)},
                                       *conv])
     assert ids == expected
+    twice = write_lines(tmp_path / "twice.json", [{"messages": [{"role": "system", "content": "A."}, *conv], "sys": "B."}])
+    with pytest.raises(GLMError, match="line 1: two system prompts"):
+        load(twice, tok, phase="eval", columns=cols)
     # Tools and no system turn: ChatGLM3's tool prompt carries them.
     path = write_lines(tmp_path / "t.json", [{"conversations": conv, "tools": [{"name": "f"}]}])
     ids, _ = unpadded(load(path, tok)[1], 0)
@@ -345,7 +348,8 @@ def test_shipped_chat_sample_regenerates_and_uses_the_tiny_tokenizers_pieces(tmp
 def test_tiny_glm3_learns_the_shipped_conversations_and_answers_tool_calls(tmp_path):
     """Fine-tune on the first 12 lines of the shipped sample (tool calls, two-round and single requests; 180 steps,
     ~30 s on an idle 2-core machine), then predict on prompts taken from it: the tool call (name + JSON arguments) after the system turn with tools,
-    the answer after the observation, and the second round of a dialogue: each is the trained reply, greedy."""
+    the answer after the observation, and the second round of a dialogue: each is the trained reply, greedy;
+    eval on the same lines scores them against those replies."""
     lines = (SAMPLE / "chat_train.json").read_text(encoding="utf-8").splitlines()[:12]
     rows = [json.loads(line) for line in lines]
     train = write_lines(tmp_path / "train.json", lines)
@@ -370,3 +374,9 @@ def test_tiny_glm3_learns_the_shipped_conversations_and_answers_tool_calls(tmp_p
     assert results[0]["reference"] == f"find_item\n{call['content']}"
     for r in results:
         assert r["response"] == r["reference"], r
+    # Eval on the same file: prompts up to the last assistant turn, the tool call scored as "name\n{arguments}".
+    run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "eval", f"--load_checkpoint={ckpt}",
+            f"eval_dataset.data_loader.dataset_dir={prompts}", f"output_dir={out}", timeout=600)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(p["prediction"], p["reference"]) for p in preds] == [(r["reference"], r["reference"]) for r in results]
+    assert json.loads((out / "metrics.json").read_text())["rouge-l"] == pytest.approx(100.0)
