@@ -77,6 +77,12 @@ def main(config_path, run_mode, load_checkpoint, resume_training, output_dir, de
 
     try:
         cfg, run_mode = _resolve(config_path, run_mode, locals(), overrides)
+        from glm.policy import notice_line
+        from glm.settings import resolve
+
+        line = notice_line(resolve(cfg))   # the one summary line of settings that cannot apply here
+        if line:
+            click.echo(line, err=True)
         if dry_run:
             from glm.dryrun import dry_run as run_dry
 
