@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 from glm import GLMError
 from glm.model.config import GLMConfig
+from glm.model.ptuning import DEFAULTS as PTUNING_DEFAULTS
+from glm.model.ptuning import PET_TYPE as PTUNING
 from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run modes import sections from)
     CALLBACK_NOTICES,
     CALLBACK_TYPES,
@@ -48,8 +50,8 @@ LR_REFUSED = {"cosine_with_restarts": "is not implemented", "CosineWithRestartsA
 # `AdamW` (this tool's name for torch's AdamW) has it.
 OPTIMIZERS = {"AdamWeightDecay": False, "FP32StateAdamWeightDecay": False, "FusedAdamWeightDecay": False,
               "adamw": False, "fp32_adamw": False, "fused_adamw": False, "AdamW": True}
-PET_TYPES = ("lora", "ptuning2")
-IMPLEMENTED_PET_TYPES = {"lora"}   # P-Tuning v2 plugs in here (glm/model/ptuning.py) when it lands
+PET_TYPES = ("lora", PTUNING)
+IMPLEMENTED_PET_TYPES = {"lora", PTUNING}   # P-Tuning v2: glm/model/ptuning.py
 ARCH_TYPES = ("ChatGLM2ForConditionalGeneration", "ChatGLM3ForConditionalGeneration", "ChatGLM2WithLora",
               "ChatGLM2WithPtuning2")
 
@@ -88,8 +90,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    prompt: Optional[str] = key(None, "adgen: the prompt (default origin_columns[0], 'content')", kind=(str, NONE),
+                                ours=True)
+    response: Optional[str] = key(None, "adgen: the answer (default origin_columns[1], 'summary')",
+                                  kind=(str, NONE), ours=True)
+    history: Optional[str] = key(None, "adgen: [[query, response], ...] earlier rounds of the [Round n] prompt",
+                                 kind=(str, NONE), ours=True)
+    conversations: Optional[str] = key(None, "conversations: the message list (default 'conversations')",
+                                       kind=(str, NONE), ours=True)
+    tools: Optional[str] = key(None, "conversations: the tool list (default 'tools')", kind=(str, NONE), ours=True)
+    system: Optional[str] = key(None, "conversations: a per-line system prompt put first (default: none)",
+                                kind=(str, NONE), ours=True)
+
+
+@dataclass
 class DataLoaderConfig:
     type: str = key("ADGenDataLoader", "JSON-lines reader", kind=frozenset({"ADGenDataLoader"}))
+    format: str = key("adgen", "adgen: prompt/answer pairs (version 2/3); conversations: ChatGLM3 messages with "
+                      "tools, loss on the assistant turns (ChatGLM3Tokenizer; version does not apply)",
+                      kind=frozenset({"adgen", "conversations"}), ours=True)
+    columns: ColumnsConfig = section(ColumnsConfig, "JSON keys of the fields (null: the format's default)",
+                                     ours=True)
     dataset_dir: str = key("", "the JSON-lines file")
     shuffle: bool = key(False, "shuffle every epoch (seeded by the top-level seed and the epoch)")
     phase: str = key("train", "train: prompt+answer with shifted labels; eval: prompt and reference",
@@ -134,10 +156,13 @@ class PetConfig:
     lora_alpha: float = key(16.0, "LoRA scale numerator (scaling = alpha / rank)", min=0)
     lora_dropout: float = key(0.0, "dropout on the LoRA input", min=0)
     target_modules: str = key(r".*query_key_value$", "regex on layer names that get adapters", kind=_regex)
-    pre_seq_len: Optional[int] = key(None, "P-Tuning v2: prefix length", kind=(int, NONE), min=1)
-    prefix_projection: bool = key(False, "P-Tuning v2: an MLP re-parameterises the prefix")
-    projection_dim: int = key(128, "P-Tuning v2: hidden size of that MLP", min=1)
-    dropout_prob: float = key(0.0, "P-Tuning v2: dropout on the prefix", min=0)
+    # P-Tuning v2: the defaults are MindFormers' Ptuning2Config, kept in glm/model/ptuning.py.
+    pre_seq_len: int = key(PTUNING_DEFAULTS.pre_seq_len, "P-Tuning v2: prefix rows per layer", min=1)
+    prefix_projection: bool = key(PTUNING_DEFAULTS.prefix_projection,
+                                  "P-Tuning v2: a 2-layer tanh MLP re-parameterises the prefix")
+    projection_dim: int = key(PTUNING_DEFAULTS.projection_dim, "P-Tuning v2: hidden width of that MLP", min=1)
+    dropout_prob: float = key(PTUNING_DEFAULTS.dropout_prob, "P-Tuning v2: dropout on the prefix (training)",
+                              min=0)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb, write_json_atomic
+from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb
 from glm.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -37,6 +37,7 @@ from glm.checkpoint import (
 from glm.config import save_resolved
 from glm.dataset import build_dataset
 from glm.dropout import COUNTER_NAME, use_counted_dropout
+from glm.io import write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule, lr_multiplier
 from glm.runtime import ms
@@ -252,7 +253,9 @@ class Trainer:
         rng = {"seed": self.run.seed, "rank": self.proc.rank,
                "dropout_counter": self.dropout_rng.value() if self.dropout_rng else None}
         return {"kind": kind, "global_step": self.global_step, "seed": self.run.seed, "rng": rng,
-                "lora": self.lora, "base_checkpoint": self.base_checkpoint if self.lora else None,
+                # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
+                "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
+                "base_checkpoint": self.base_checkpoint if self.lora else None,
                 "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
 
     def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
@@ -263,7 +266,8 @@ class Trainer:
         prune(directory, self.keep)
 
     def _save_weights(self) -> Path:
-        """Weights-only file for eval/predict/merging: the whole model, or just the adapter for LoRA."""
+        """Weights-only file for eval/predict/merging: the whole model, or just the adapter (LoRA factors
+        or the P-Tuning v2 prefix encoder)."""
         kind = "adapter" if self.lora else "network"
         path = rank_dir(self.out, self.proc.rank, "checkpoint_network") / \
             f"{self.prefix}_rank_{self.proc.rank}-{kind}.ckpt"
