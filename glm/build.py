@@ -31,15 +31,21 @@ class Process:
         return self.rank == 0
 
 
-def init_process(cfg: RunConfig | dict) -> Process:
-    """Device, mode, seed and (with use_parallel) the communication group."""
-    run = as_run(cfg)
-    ctx = run.context
-    target = ctx.device_target
+def check_device(run: RunConfig) -> str:
+    """context.device_target, when this machine has it (the dry run checks it too)."""
+    target = run.context.device_target
     available = ms.hal.is_available(target) if hasattr(ms, "hal") and target != "CPU" else True
     if not available:
         raise GLMError(f"context.device_target: {target} is not available on this machine "
                        "(set context.device_target: CPU, or pass --device_target CPU)")
+    return target
+
+
+def init_process(cfg: RunConfig | dict) -> Process:
+    """Device, mode, seed and (with use_parallel) the communication group."""
+    run = as_run(cfg)
+    ctx = run.context
+    target = check_device(run)
     setup_context(target, ctx.mode, ctx.device_id, ctx.max_device_memory)
     extra = {"max_call_depth": ctx.max_call_depth}
     if ctx.save_graphs:

@@ -15,6 +15,7 @@ from glm.build import build_model, build_tokenizer, generation_config, init_proc
 from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
+from glm.settings import as_run
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
 
@@ -82,7 +83,8 @@ def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
     # A ChatGLM3 conversations file: each line answered from its turns before the last assistant turn.
     chats = read_chat_prompts(items[0]) if len(items) == 1 and _is_file(items[0]) else None
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
-    rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
+    run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
+    rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
     tok, generator, gen = _session(cfg, rows, "predict")
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]

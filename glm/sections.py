@@ -1,5 +1,5 @@
 """Typed config sections about where and how a run happens: parallel layout, recompute and MoE, checkpoint
-and other callbacks, export paths, evaluation during training. Part of the ONE declaration of the config keys
+and other callbacks, export paths. Part of the ONE declaration of the config keys
 (see glm/settings.py, which assembles them into RunConfig); docs/config.md is generated from both.
 """
 
@@ -46,7 +46,8 @@ class ParallelConfig:
     model_parallel: int = key(1, "tensor parallel degree (Ascend/GPU semi-auto only)", min=1)
     pipeline_stage: int = key(1, "pipeline stages (Ascend/GPU semi-auto only)", min=1)
     expert_parallel: int = key(1, "MoE only", min=1, status=INERT)
-    micro_batch_num: int = key(1, "pipeline micro-batches", min=1)
+    micro_batch_num: int = key(1, "pipeline micro-batches", min=1, status=REFUSED,
+                               note="pipeline micro-batching is not implemented")
     vocab_emb_dp: bool = key(True, "shard layout of the embedding", status=INERT)
     gradient_aggregation_group: int = key(4, "communication fusion group", min=1, status=INERT)
     use_seq_parallel: bool = key(False, "sequence parallel", status=NOTICE)
@@ -69,19 +70,6 @@ class RecomputeConfig:
     parallel_optimizer_comm_recompute: bool = key(False, "not used by GLM in MindFormers", status=INERT)
     mp_comm_recompute: bool = key(True, "not used by GLM in MindFormers", status=INERT)
     recompute_slice_activation: bool = key(False, "slice recomputed activations", status=NOTICE)
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation during training, best checkpoint and early stopping (glm-launcher keys)."""
-
-    best_metric: str = key("loss", "eval result that ranks checkpoints: loss, perplexity, rouge-1, rouge-2, "
-                           "rouge-l, bleu-4", ours=True)
-    greater_is_better: Optional[bool] = key(None, "direction of best_metric; null: lower for loss/perplexity, "
-                                            "higher otherwise", kind=(bool, NONE), ours=True)
-    early_stopping_patience: int = key(0, "stop after this many evaluations without improvement; 0: never",
-                                       min=0, ours=True)
-    early_stopping_threshold: float = key(0.0, "smallest change that counts as an improvement", min=0, ours=True)
 
 
 @dataclass

@@ -25,7 +25,6 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     CALLBACK_TYPES,
     CHECKPOINT_CALLBACKS,
     CheckpointConfig,
-    EvalConfig,
     InferConfig,
     LossMonitorConfig,
     MoeConfig,
@@ -328,16 +327,15 @@ PET_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "target_modules"
             "ptuning2": ("pre_seq_len", "prefix_projection", "projection_dim", "dropout_prob")}
 
 
-def _pet_keys(pet: dict, where: str) -> dict:
-    """Keep the keys of the chosen pet_type; a key of the other method set to a value is an error."""
-    defaults = {f.name: f.default for f in dataclasses.fields(PetConfig)}
+def _pet_keys(pet: dict, given: dict, where: str) -> dict:
+    """Keep the keys of the chosen pet_type; a key of the other method in the file is an error."""
     own = PET_KEYS.get(pet["pet_type"], ())
     out = {"pet_type": pet["pet_type"]}
     for kind, names in PET_KEYS.items():
         for name in names:
             if name in own:
                 out[name] = pet[name]
-            elif pet[name] != defaults[name]:
+            elif name in given:
                 report(f"{where}.{name}: a {kind} key, but pet_type is {pet['pet_type']!r}", rank=1)
     return out
 
@@ -368,7 +366,8 @@ def _model_config(value: Any, where: str) -> dict:
             value.setdefault(name, length)
     out = validate_section(value, model_schema(), where)
     if out["pet_config"]:
-        out["pet_config"] = _pet_keys(out["pet_config"], f"{where}.pet_config")
+        given = value.get("pet_config") if isinstance(value.get("pet_config"), dict) else {}
+        out["pet_config"] = _pet_keys(out["pet_config"], given, f"{where}.pet_config")
     try:
         return {**GLMConfig.from_dict(out, where).to_dict(), "pet_config": out["pet_config"]}
     except TypeError as e:  # a dataclass field that does not accept the value
@@ -439,9 +438,9 @@ class RunConfig:
     profile_output: str = key("", "profiler output (only with profile)", status=INERT)
     callbacks: list = key([], "MFLossMonitor, CheckpointMonitor (see below), SummaryMonitor, ObsMonitor",
                           kind=_callbacks)
-    eval_callbacks: list = key([], "callbacks of evaluation (ObsMonitor only in MindFormers)", kind=_callbacks)
+    eval_callbacks: list = key([], "callbacks of evaluation (ObsMonitor only in MindFormers; reported)",
+                               kind=_callbacks, status=INERT)
     infer: Optional[InferConfig] = section(InferConfig, "export graph paths", optional=True)
-    eval_config: EvalConfig = section(EvalConfig, "best checkpoint and early stopping", ours=True)
     raw: dict = dataclasses.field(default_factory=dict, repr=False)   # the validated dict (config.resolved.yaml)
 
     # ------------------------------------------------------------------ typed views
@@ -462,13 +461,6 @@ class RunConfig:
         """The CheckpointMonitor callback, or its defaults when the file has none."""
         found = self.callback("CheckpointMonitor")
         return found if found is not None else CheckpointConfig()
-
-    @property
-    def log_interval(self) -> int:
-        monitor = self.callback("MFLossMonitor")
-        if monitor is not None and monitor.per_print_times is not None:
-            return monitor.per_print_times
-        return self.runner_config.log_interval
 
     def callback(self, name: str) -> Any:
         names = CHECKPOINT_CALLBACKS if name in CHECKPOINT_CALLBACKS else (name,)

@@ -56,7 +56,9 @@ class Trainer:
         self.batch_size = runner.batch_size
         self.accumulate = runner.gradient_accumulation_steps
         self.max_steps = runner.max_steps
-        self.log_interval = run.log_interval
+        monitor = run.callback("MFLossMonitor")   # its per_print_times, when set, replaces log_interval
+        self.log_interval = (monitor.per_print_times if monitor and monitor.per_print_times
+                             else runner.log_interval)
         ckpt = run.checkpoint
         self.prefix = ckpt.prefix
         self.save_steps = ckpt.save_checkpoint_steps

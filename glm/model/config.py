@@ -26,7 +26,8 @@ class GLMConfig:
     seq_length: int = key(2048, "static sequence length: training samples and the KV cache", min=1)
     layernorm_epsilon: float = key(1e-5, "RMSNorm epsilon", min=0)
     rmsnorm: bool = key(True, "RMSNorm (the only norm of ChatGLM2/3)")
-    post_layer_norm: bool = key(True, "final norm before the output layer")
+    post_layer_norm: bool = key(True, "final norm before the output layer (ChatGLM2/3 have it)", status=REFUSED,
+                                note="a model without the final norm is not implemented")
     apply_residual_connection_post_layernorm: bool = key(False, "must be False for ChatGLM2/3")
     add_bias_linear: bool = key(False, "biases on the dense layers")
     add_qkv_bias: bool = key(True, "bias on the query/key/value projection")
