@@ -367,11 +367,13 @@ def _model_config(value: Any, where: str) -> dict:
     out = validate_section(value, model_schema(), where)
     if out["pet_config"]:
         given = value.get("pet_config") if isinstance(value.get("pet_config"), dict) else {}
-        out["pet_config"] = _pet_keys(out["pet_config"], given, f"{where}.pet_config")
+        if given.get("pet_type", "lora") in PET_TYPES:   # else its error is reported; no follow-on noise
+            out["pet_config"] = _pet_keys(out["pet_config"], given, f"{where}.pet_config")
     try:
         return {**GLMConfig.from_dict(out, where).to_dict(), "pet_config": out["pet_config"]}
-    except TypeError as e:  # a dataclass field that does not accept the value
-        raise GLMError(f"{where}: {e}") from None
+    except (GLMError, TypeError) as e:  # an architecture check, or a field that does not accept the value
+        report(str(e) if isinstance(e, GLMError) else f"{where}: {e}", rank=3)
+        return out   # the values as given, so that refused keys are still reported
 
 
 # ------------------------------------------------------------------------------------------ the run

@@ -35,7 +35,8 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 # and is not implemented: an error when set. INERT: has no effect in MindFormers either (for GLM) or only
 # matters together with another key that is itself reported.
 HONOURED, NOTICE, REFUSED, INERT = "honoured", "notice", "refused", "inert"
-_SAME = object()   # `off` defaults to the field's default
+_SAME = object()
+FUNDAMENTAL = ("type", "pet_type")   # keys whose bad value is reported before all others   # `off` defaults to the field's default
 
 
 def key(default: Any = None, doc: str = "", *, kind: Any = None, min: Any = None, status: str = HONOURED,
@@ -177,8 +178,8 @@ def validate_section(section: Any, schema: dict, where: str) -> dict:
             value = _value(section[name], kind, default, path) if name in section else _default(kind, default, path)
             if minimum and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum[0]:
                 raise GLMError(f"{path}: expected a value >= {minimum[0]}, got {value!r}")
-        except GLMError as e:
-            report(str(e))
+        except GLMError as e:   # a wrong `type` / `pet_type` decides what the rest means: report it first
+            report(str(e), rank=0 if name in FUNDAMENTAL else 2)
             value = _default(kind, default, path) if name in section else None
         out[name] = value
     return out

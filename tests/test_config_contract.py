@@ -112,14 +112,14 @@ def test_a_recipe_with_every_kind_of_mistake_lists_them_all_in_one_message(tmp_p
     lines = msg.splitlines()
     assert lines[0].endswith("8 config errors:"), msg
     bad = ["model.model_config.quantization_bit", "model.model_config.apply_query_key_layer_scaling",
-           "micro_batch_interleave_num", "only_save_strategy", "model.model_config.num_heads",
-           "lr_schedule.type", "optimizer.type", "runner_config.epochs"]
+           "micro_batch_interleave_num", "only_save_strategy", "lr_schedule.type", "optimizer.type",
+           "model.model_config.num_heads", "runner_config.epochs"]
     for key in bad:
         assert sum(line.startswith(f"  - {key}:") for line in lines[1:]) == 1, (key, msg)
     assert "did you mean 'model.model_config.num_attention_heads'" in msg
-    # the most fundamental first: refused features, then unknown keys, then bad values
+    # the most fundamental first: refused features and wrong types, then unknown keys, then bad values
     order = [next(i for i, line in enumerate(lines) if line.startswith(f"  - {k}:")) for k in bad]
-    assert max(order[:4]) < order[4] < min(order[5:])
+    assert max(order[:6]) < order[6] < order[7]
 
 
 def test_mindformers_ptuning2_recipe_before_ptuning_was_a_chain_of_runs_now_one_answer(tmp_path):
