@@ -73,6 +73,12 @@ class RecomputeConfig:
 
 
 @dataclass
+class TensorboardConfig:
+    tensorboard_dir: str = key("", "events go to <tensorboard_dir>/<run_id>/; '' = off", ours=True)
+    tensorboard_queue_size: int = key(10, "events buffered before a write", min=1, ours=True)
+
+
+@dataclass
 class InferConfig:
     prefill_model_path: str = key("", "export: where the prefill graph goes")
     increment_model_path: str = key("", "export: where the decode graph goes")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from glm import GLMError
+from glm.model.config import DEFAULTS as PTUNING_DEFAULTS
+from glm.model.config import PET_TYPE as PTUNING
 from glm.model.config import GLMConfig
-from glm.model.ptuning import DEFAULTS as PTUNING_DEFAULTS
-from glm.model.ptuning import PET_TYPE as PTUNING
 from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run modes import sections from)
     CALLBACK_NOTICES,
     CALLBACK_TYPES,
@@ -34,6 +34,7 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     RecomputeConfig,
     StrategyCkptConfig,
     SummaryMonitorConfig,
+    TensorboardConfig,
 )
 from glm.validate import INERT, NONE, NOTICE, REFUSED, hint, key, report, section, typed, validate_section
 
@@ -226,6 +227,7 @@ class RunnerConfig:
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", min=1)
     max_steps: Optional[int] = key(None, "stop after this many optimizer steps", kind=(int, NONE), min=1, ours=True)
     log_interval: int = key(10, "steps between plain log lines (no terminal)", min=1, ours=True)
+    plot_curves: bool = key(True, "PNG curves under output_dir/plots at the end of training", ours=True)
 
 
 @dataclass
@@ -442,6 +444,8 @@ class RunConfig:
                           kind=_callbacks)
     eval_callbacks: list = key([], "callbacks of evaluation (ObsMonitor only in MindFormers; reported)",
                                kind=_callbacks, status=INERT)
+    tensorboard: TensorboardConfig = section(TensorboardConfig, "TensorBoard event files of the metrics.jsonl "
+                                             "scalars (MindFormers r1.3+ layout)", ours=True)
     infer: Optional[InferConfig] = section(InferConfig, "export graph paths", optional=True)
     raw: dict = dataclasses.field(default_factory=dict, repr=False)   # the validated dict (config.resolved.yaml)
 
