@@ -112,7 +112,7 @@ class ChatSession:
 def run_chat(cfg: dict, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     import glm.predict as predict
 
-    name = (cfg.get("trainer") or {}).get("model_name") or "the model"
+    name = getattr(getattr(cfg, "trainer", None), "model_name", None) or "the model"
     stdout.write(f"loading {name}… (building and compiling the model)\n")
     stdout.flush()
     tok, generator, gen = predict._session(cfg, 1, "chat")

@@ -78,6 +78,21 @@ def _merge_adapter(state: dict, meta: dict, base: str | None, src: Path) -> dict
     return merge_lora_state(merged, meta["lora"])
 
 
+def _recorded_config(meta: dict, src: Path) -> dict | None:
+    """The run config a checkpoint of this tool records, checked like a YAML file (None if absent or stale)."""
+    raw = meta.get("config")
+    if not isinstance(raw, dict):
+        return None
+    from glm.config import validate_config
+
+    try:
+        return validate_config(raw)
+    except GLMError as e:
+        print(f"warning: {src}: the recorded run config does not load ({str(e).splitlines()[0]}); "
+              "pass --config", file=sys.stderr)
+        return None
+
+
 def _write_metadata(dst: Path, cfg: dict | None, layout: str, dtype: str | None) -> None:
     from glm.build import build_tokenizer, model_config
     from glm.hf_export import write_hf_metadata
@@ -113,7 +128,7 @@ def convert(input_path: str, output_path: str, to_hf: bool = False, dtype: str |
 
             cfg = load_config(config)
         else:
-            cfg = meta.get("config")
+            cfg = _recorded_config(meta, src)
         state = weights.ms_to_hf(cast(state, dtype, False), layout=layout)
         weights.write_hf_safetensors(state, dst, shard_size=parse_size(max_shard_size))
         _write_metadata(dst, cfg, layout, dtype)

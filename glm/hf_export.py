@@ -66,7 +66,7 @@ def generation_config(m: GLMConfig, eos: list[int]) -> dict:
     sample = m.do_sample and m.top_k != 1      # top_k 1 is how the reference YAMLs spell greedy
     body["do_sample"] = bool(sample)
     if sample:
-        body.update(temperature=float((m.extra or {}).get("temperature", 1.0)), top_p=m.top_p,
+        body.update(temperature=float(m.temperature), top_p=m.top_p,
                     top_k=m.top_k)
     if m.repetition_penalty != 1.0:
         body["repetition_penalty"] = m.repetition_penalty

@@ -10,6 +10,7 @@ finish (up to 30 s, then cancel them) and exit.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import sys
@@ -19,14 +20,14 @@ from glm import GLMError
 GRACEFUL_SECONDS = 30
 
 
-def serve_settings(cfg: dict) -> dict:
+def serve_settings(cfg) -> dict:
     """The `serve` section with its derived defaults filled in (rows, model id)."""
-    s = dict(cfg.get("serve") or {})
-    s.setdefault("host", "127.0.0.1")
-    s.setdefault("port", 8000)
-    s.setdefault("max_queue", 64)
-    s["batch_size"] = int(s.get("batch_size") or (cfg.get("runner_config") or {}).get("batch_size", 1) or 1)
-    s["model_name"] = s.get("model_name") or (cfg.get("trainer") or {}).get("model_name") or "glm"
+    from glm.settings import as_run
+
+    run = as_run(cfg)
+    s = dataclasses.asdict(run.serve)
+    s["batch_size"] = int(s["batch_size"] or run.runner_config.batch_size or 1)
+    s["model_name"] = s["model_name"] or run.trainer.model_name or "glm"
     return s
 
 
