@@ -111,8 +111,9 @@ class ChatSession:
 
 def run_chat(cfg: dict, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     import glm.predict as predict
+    from glm.settings import as_run
 
-    name = getattr(getattr(cfg, "trainer", None), "model_name", None) or "the model"
+    name = (as_run(cfg).trainer.model_name if cfg else "") or "the model"
     stdout.write(f"loading {name}… (building and compiling the model)\n")
     stdout.flush()
     tok, generator, gen = predict._session(cfg, 1, "chat")
