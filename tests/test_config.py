@@ -310,7 +310,7 @@ def test_apply_overrides_then_validate():
     ("model.model_config.pet_config.lora_rank=0", "pet_config.lora_rank: expected a value >= 1, got 0"),
     ("model.model_config.pet_config.lora_dropout=1.0", "pet_config.lora_dropout"),
     ("model.model_config.pet_config.target_modules=(", "pet_config.target_modules: not a valid regular expression"),
-    ("run_mode=serve", "run_mode: expected one of"),
+    ("run_mode=serving", "run_mode: expected one of"),
     ("context.device_target=TPU", "context.device_target"),
     ("optimizer.type=SGD", "optimizer.type"),
     ("optimizer.beta2=1.0", "optimizer.beta2"),
