@@ -23,6 +23,7 @@ from glm.runtime import ms, setup_context  # noqa: E402
 from glm.weights import hf_to_ms, load_weights_into  # noqa: E402
 
 L, H, NH, KV, F, V, SEQ, P = 2, 64, 4, 2, 96, 160, 64, 6
+NEW = 8   # generated tokens per prompt
 HD = H // NH
 DENSE_IN, DENSE_OUT = "prefix_encoder.mindpet_delta_ptuning2_dense_in", "prefix_encoder.mindpet_delta_ptuning2_dense_out"
 
@@ -139,16 +140,95 @@ def test_cached_generation_equals_full_recompute_and_the_oracle(hf):
     full = our_model(hf, True, batch_size=3)
     rs = np.random.RandomState(2)
     prompts = [list(map(int, rs.randint(3, V, n))) for n in (5, 17, 9)]
-    gen = GenerationConfig(max_new_tokens=12, eos_token_id=[-1])   # no eos: always 12 tokens
-    chunked = Generator(cached, use_cache=True).generate(prompts, gen)
+    gen = GenerationConfig(max_new_tokens=NEW, eos_token_id=[-1])   # no eos: always NEW tokens
+    chunked = Generator(cached, use_cache=True, decode_chunk=3).generate(prompts, gen)
     stepwise = Generator(cached, use_cache=True, decode_chunk=1).generate(prompts, gen)
     recompute = Generator(full, use_cache=False).generate(prompts, gen)
     prefix = numpy_prefix(prefix_weights(True))
     oracle = []
     for p in prompts:
         seq = list(p)
-        for _ in range(12):
+        for _ in range(NEW):
             seq.append(int(hf_logits(hf, np.array([seq]), prefix)[0, -1].argmax()))
         oracle.append(seq[len(p):])
     assert chunked == stepwise == recompute == oracle
     assert len({tuple(t) for t in oracle}) == 3
+
+
+def test_training_changes_only_the_prefix_and_dropout_is_for_training_only(hf):
+    """Three optimizer steps with dropout_prob 0.3: every base weight is bit-identical afterwards, the prefix
+    encoder moved; in eval mode the forward equals a dropout-free model with the same weights."""
+    from glm.dropout import use_counted_dropout
+    from glm.optim import build_optimizer
+    from glm.train_step import TrainStep
+
+    cfg = GLMConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, kv_channels=HD, multi_query_group_num=KV,
+                    ffn_hidden_size=F, padded_vocab_size=V, seq_length=SEQ,
+                    pet_config={**pet(True), "dropout_prob": 0.3})
+    net = GLMForCausalLM(cfg)
+    load_weights_into(net, {**hf_to_ms({k: v.detach().numpy() for k, v in hf.state_dict().items()}),
+                            **prefix_weights(True)})
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    assert use_counted_dropout(net, seed=0) is not None   # the prefix dropout is the model's only dropout
+    net.set_train(True)
+    step = TrainStep(net, build_optimizer({"weight_decay": 0.1}, net.trainable_params()), 1.0, None, 1)
+    rs = np.random.RandomState(4)
+    ids = rs.randint(3, V, (2, 16)).astype(np.int32)
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), -100, np.int32)], 1)
+    losses = [step.run([(ids, labels)], [1.0], 1e-2, i + 1)[0] for i in range(3)]
+    assert losses[-1] < losses[0]
+    after = {p.name: p.asnumpy() for p in net.get_parameters()}
+    changed = sorted(n for n in before if not np.array_equal(before[n], after[n]))
+    assert changed == sorted([TABLE, f"{DENSE_IN}.weight", f"{DENSE_IN}.bias", f"{DENSE_OUT}.weight",
+                              f"{DENSE_OUT}.bias"])
+    net.set_train(False)
+    clean = our_model(hf, True)
+    load_weights_into(clean, {n: after[n] for n in changed}, part="adapter")
+    x = ms.Tensor(ids)
+    assert np.array_equal(net(x).asnumpy(), clean(x).asnumpy())
+
+
+def test_prefix_settings_errors_name_the_key(tmp_path):
+    """model_config.pre_seq_len alone (silently ignored before), disagreeing values, MindFormers' P-Tuning
+    class without its pet_config, a prefix file for a model without a prefix: one-line errors."""
+    from glm import GLMError
+    from glm.config import load_config
+
+    from cli_utils import REPO
+
+    tiny = REPO / "configs/glm2/run_glm2_tiny.yaml"
+    tiny_pt = REPO / "configs/glm2/run_glm2_tiny_ptuning2.yaml"
+    cases = [
+        (tiny, ["model.model_config.pre_seq_len=16"], "model.model_config.pre_seq_len: P-Tuning v2 is set in"),
+        (tiny_pt, ["model.model_config.pre_seq_len=8"],
+         "model.model_config.pre_seq_len: 8 but model.model_config.pet_config.pre_seq_len is 16"),
+        (tiny, ["model.arch.type=ChatGLM2WithPtuning2"], "model.arch.type: ChatGLM2WithPtuning2 needs"),
+        (tiny_pt, ["model.model_config.pet_config.lora_rank=4"], "pet_config.lora_rank: unknown key"),
+        (tiny_pt, ["model.model_config.pet_config.dropout_prob=1.0"], "pet_config.dropout_prob: expected a "
+                                                                      "probability in [0, 1)"),
+    ]
+    for path, overrides, needle in cases:
+        with pytest.raises(GLMError) as e:
+            load_config(path, overrides)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    plain = GLMForCausalLM(GLMConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, kv_channels=HD,
+                                     multi_query_group_num=KV, ffn_hidden_size=F, padded_vocab_size=V, seq_length=SEQ))
+    with pytest.raises(GLMError, match="holds a P-Tuning v2 prefix .* but the model has none"):
+        load_weights_into(plain, {"transformer.prefix_encoder.embedding.weight": np.zeros((P, 8), np.float32)})
+
+
+def test_thudm_and_mindformers_prefix_names_load(hf):
+    """A THUDM ChatGLM2 ptuning checkpoint (transformer.prefix_encoder.embedding / trans.0 / trans.2) and a
+    MindFormers one (with its arange index buffer) load into the same parameters."""
+    net = our_model(hf, True)
+    w = prefix_weights(True, seed=9)
+    thudm = {"transformer.prefix_encoder.embedding.weight": w[TABLE],
+             "transformer.prefix_encoder.trans.0.weight": w[f"{DENSE_IN}.weight"],
+             "transformer.prefix_encoder.trans.0.bias": w[f"{DENSE_IN}.bias"],
+             "transformer.prefix_encoder.trans.2.weight": w[f"{DENSE_OUT}.weight"],
+             "transformer.prefix_encoder.trans.2.bias": w[f"{DENSE_OUT}.bias"]}
+    assert load_weights_into(net, thudm, part="adapter")[1] == []   # nothing unused
+    got = {p.name: p.asnumpy() for p in net.get_parameters()}
+    assert all(np.array_equal(got[k], v) for k, v in w.items())
+    mindformers = {**w, "prefix_encoder.mindpet_delta_ptuning2_prefix": np.arange(P)}
+    assert load_weights_into(net, mindformers, part="adapter")[1] == []
