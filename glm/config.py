@@ -234,6 +234,7 @@ SCHEMA: dict = {
         "gradient_accumulation_steps": (int, 1, 1),
         "max_steps": ((int, NONE), None, 1),  # stop after this many optimizer steps (not in the reference)
         "log_interval": (int, 10, 1),  # steps between loss log lines (not in the reference)
+        "plot_curves": (bool, True),  # PNG curves under output_dir/plots at the end of training (not in the reference)
     }, {}),
     "runner_wrapper": ({
         "type": (str, "MFTrainOneStepCell"),
@@ -288,6 +289,9 @@ SCHEMA: dict = {
     "profile": (bool, False), "profile_start_step": (int, 1, 0), "profile_stop_step": (int, 10, 0),
     "init_start_profile": (bool, False), "profile_communication": (bool, False), "profile_memory": (bool, True),
     "profile_output": (str, ""),
+    # TensorBoard event files with the metrics.jsonl scalars (MindFormers r1.3+ layout); '' = off.
+    "tensorboard": ({"tensorboard_dir": (str, ""),  # events go to <tensorboard_dir>/<run_id>/
+                     "tensorboard_queue_size": (int, 10, 1)}, {}),  # events buffered before a write
     "callbacks": (_callbacks, []),
     "eval_callbacks": (_callbacks, []),
     # Read by the MindSpore-Lite runner in the reference (export mode); kept for reference YAMLs.

@@ -188,7 +188,7 @@ def test_none_strings_and_defaults(tmp_path):
     assert cfg["load_checkpoint"] == "" and cfg["model"]["model_config"]["pre_seq_len"] is None
     assert cfg["runner_config"] == {"epochs": 1, "batch_size": 1, "sink_mode": True, "sink_size": 1,
                                     "initial_epoch": 0, "gradient_accumulation_steps": 1, "max_steps": None,
-                                    "log_interval": 10}
+                                    "log_interval": 10, "plot_curves": True}
     assert cfg["train_dataset"] is None and cfg["callbacks"] == [] and cfg["infer"] is None
     assert callback(cfg, "CheckpointMonitor") is None
     with pytest.raises(GLMError, match="eval_dataset: no dataset configured"):

@@ -124,6 +124,9 @@ def test_validate_the_tiny_config(glm, tmp_path):
                    f"(relative paths are read from {REPO})"
     assert "load_checkpoint" in one_error(glm("validate", TINY2, f"load_checkpoint={tmp_path}/w.ckpt"))
     assert "config file not found" in one_error(glm("validate", str(tmp_path / "missing.yaml")))
+    (tmp_path / "tok.model").write_text("not a sentencepiece model")
+    assert "is not a sentencepiece model" in one_error(
+        glm("validate", TINY2, f"train_dataset.tokenizer.vocab_file={tmp_path}/tok.model"))
 
 
 # ----------------------------------------------------------------------------------------- rank tables
