@@ -163,6 +163,7 @@ def test_training_changes_only_the_prefix_and_dropout_is_for_training_only(hf):
     encoder moved; in eval mode the forward equals a dropout-free model with the same weights."""
     from glm.dropout import use_counted_dropout
     from glm.optim import build_optimizer
+    from glm.settings import OptimizerConfig
     from glm.train_step import TrainStep
 
     cfg = GLMConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, kv_channels=HD, multi_query_group_num=KV,
@@ -174,7 +175,7 @@ def test_training_changes_only_the_prefix_and_dropout_is_for_training_only(hf):
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
     assert use_counted_dropout(net, seed=0) is not None   # the prefix dropout is the model's only dropout
     net.set_train(True)
-    step = TrainStep(net, build_optimizer({"weight_decay": 0.1}, net.trainable_params()), 1.0, None, 1)
+    step = TrainStep(net, build_optimizer(OptimizerConfig(weight_decay=0.1), net.trainable_params()), 1.0, None, 1)
     rs = np.random.RandomState(4)
     ids = rs.randint(3, V, (2, 16)).astype(np.int32)
     labels = np.concatenate([ids[:, 1:], np.full((2, 1), -100, np.int32)], 1)
@@ -203,8 +204,8 @@ def test_prefix_settings_errors_name_the_key(tmp_path):
         (tiny, ["model.model_config.pre_seq_len=16"], "model.model_config.pre_seq_len: P-Tuning v2 is set in"),
         (tiny_pt, ["model.model_config.pre_seq_len=8"],
          "model.model_config.pre_seq_len: 8 but model.model_config.pet_config.pre_seq_len is 16"),
-        (tiny, ["model.arch.type=ChatGLM2WithPtuning2"], "model.arch.type: ChatGLM2WithPtuning2 needs"),
-        (tiny_pt, ["model.model_config.pet_config.lora_rank=4"], "pet_config.lora_rank: unknown key"),
+        (tiny, ["model.arch.type=ChatGLM2WithPtuning2"], "model.arch.type: 'ChatGLM2WithPtuning2' needs"),
+        (tiny_pt, ["model.model_config.pet_config.lora_rank=4"], "pet_config.lora_rank: a lora key, but pet_type is 'ptuning2'"),
         (tiny_pt, ["model.model_config.pet_config.dropout_prob=1.0"], "pet_config.dropout_prob: expected a "
                                                                       "probability in [0, 1)"),
     ]
@@ -358,8 +359,8 @@ def test_predict_and_eval_need_only_the_prefix_file(tiny_ptuning, tiny_trained, 
 @pytest.mark.slow
 def test_dry_run_of_mindformers_ptuning2_config(tmp_path):
     """configs/glm2/run_glm2_6b_ptuning2.yaml (MindFormers' file, same keys and values) with only its paths
-    overridden: the 6B model is built (deferred), 128 x 28 x 2 x 2 x 128 prefix parameters train, and one
-    masked training sample is shown."""
+    overridden (and the device: this machine has no Ascend): the 6B model is built (deferred),
+    128 x 28 x 2 x 2 x 128 prefix parameters train, and one masked training sample is shown."""
     from glm.config import load_config
 
     path = "configs/glm2/run_glm2_6b_ptuning2.yaml"
@@ -371,7 +372,7 @@ def test_dry_run_of_mindformers_ptuning2_config(tmp_path):
     assert (cfg["lr_schedule"]["type"], cfg["lr_schedule"]["learning_rate"], cfg["optimizer"]["weight_decay"]) == \
         ("linear", 5e-3, 0.0)
     proc = run_glm("--config", path, "--run_mode", "finetune", "--dry_run", "--load_checkpoint", "random",
-                   "--output_dir", str(tmp_path), "train_dataset.data_loader.dataset_dir=data/sample/train.json",
+                   "--device_target", "CPU", "--output_dir", str(tmp_path), "train_dataset.data_loader.dataset_dir=data/sample/train.json",
                    "train_dataset.tokenizer.vocab_file=data/sample/tokenizer.model")
     assert "1,835,008 trainable (P-Tuning v2 prefix)" in proc.stdout
     assert 128 * 28 * 2 * 2 * 128 == 1_835_008
