@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from glm import GLMError
-from glm.io import write_bytes_atomic
+from glm.io import ensure_dir, os_error, write_bytes_atomic
 
 LOG_NAME = "log/glm.log"
 PLOTS = "plots"
@@ -103,8 +103,11 @@ def log_to_file(path: Optional[Path], header: str = "") -> Iterator[Optional[Tex
     if path is None:
         yield None
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "a", encoding="utf-8", buffering=1)   # noqa: SIM115 (closed below)
+    ensure_dir(path.parent)
+    try:
+        log = open(path, "a", encoding="utf-8", buffering=1)   # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise os_error(e, path) from None
     if header:
         log.write(header + "\n")
     out, err = sys.stdout, sys.stderr
@@ -121,6 +124,28 @@ def log_to_file(path: Optional[Path], header: str = "") -> Iterator[Optional[Tex
     finally:
         sys.stdout, sys.stderr = out, err
         log.close()
+
+
+_current: Optional[str] = None   # the run id of the run this process is doing (run_log)
+
+
+@contextmanager
+def run_log(cfg: dict) -> Iterator[str]:
+    """The block is one run: a new run id, and for a single process (not a rank of a distributed job, whose
+    launcher logs it) its output copied to output_dir/log/glm.log under a header naming the run. Nested
+    calls (the CLI wraps every run mode; run_train wraps itself for callers of the API) join the outer run."""
+    global _current
+    if _current is not None:
+        yield _current
+        return
+    run_id = new_run_id()
+    path = None if cfg.get("use_parallel") else Path(cfg.get("output_dir") or "./output") / LOG_NAME
+    _current = run_id
+    try:
+        with log_to_file(path, header_line(run_id, config_hash(cfg), str(cfg.get("run_mode", "")))):
+            yield run_id
+    finally:
+        _current = None
 
 
 def write_to_log(line: str) -> None:

@@ -38,17 +38,7 @@ from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.io import write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule
-from glm.runlog import (
-    LOG_NAME,
-    RunLog,
-    config_hash,
-    header_line,
-    log_to_file,
-    new_run_id,
-    plot_run,
-    terminal,
-    write_to_log,
-)
+from glm.runlog import RunLog, new_run_id, plot_run, run_log, terminal, write_to_log
 from glm.runtime import ms
 from glm.train_step import LossScale, TrainStep
 
@@ -301,12 +291,7 @@ def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Opti
 
 
 def run_train(cfg: dict, run_mode: str, resume=None) -> dict:
-    # One process: its output goes to output_dir/log/glm.log too (ranks of a distributed job are logged
-    # to log/rank_k/glm.log by their launcher).
-    out = Path(cfg.get("output_dir") or "./output")
-    run_id = new_run_id()
-    log_file = None if cfg.get("use_parallel") else out / LOG_NAME
-    with log_to_file(log_file, header_line(run_id, config_hash(cfg), run_mode)):
+    with run_log(cfg) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
         trainer = Trainer(cfg, run_mode)
         trainer.run_id = run_id
         trainer.resume(resume if resume is not None else cfg.get("resume_training"))

@@ -72,6 +72,16 @@ class TinyRun:
         return dest
 
 
+SHARED_RUNS = frozenset({"tiny_run", "tiny_trained", "tiny_lora"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a shared run may pay for training it: it is `slow` (deselect with -m "not slow")."""
+    for item in items:
+        if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """`build(folder)` once per session, also across xdist workers (who share the base temp's parent)."""
     base = tmp_path_factory.getbasetemp()
