@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from glm import GLMError, __version__
+from glm.commands import COMMANDS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BOOL = click.Choice(["True", "False", "true", "false", "1", "0"])
@@ -254,14 +255,8 @@ for _name, (_fn, _help, _extra) in RUN_MODES.items():
     cli.add_command(_run_mode_command(_name, _help, _extra))
 
 
-def _register_tools() -> None:
-    from glm import commands  # click definitions of the tool subcommands; imports nothing heavy
-
-    for command in commands.COMMANDS:
-        cli.add_command(command)
-
-
-_register_tools()
+for _command in COMMANDS:   # the tools: click definitions only, their work is imported when they run
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

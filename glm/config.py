@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from glm import GLMError
+from glm.model.config import DEFAULTS as PTUNING_DEFAULTS
+from glm.model.config import PET_TYPE as PTUNING_TYPE
 from glm.model.config import GLMConfig
-from glm.model.ptuning import DEFAULTS as PTUNING_DEFAULTS
-from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
 from glm.validate import NONE, hint, typed, validate_section
 
 RUN_MODES = frozenset({"train", "finetune", "eval", "predict", "export", "chat"})  # chat: run_glm.py extra

@@ -8,6 +8,43 @@ from typing import Any, Optional
 
 from glm import GLMError
 
+# P-Tuning v2 settings live here, free of MindSpore, so that reading a config never imports it;
+# the prefix encoder itself is glm/model/ptuning.py.
+PET_TYPE = "ptuning2"
+
+
+@dataclass(frozen=True)
+class PTuningSettings:
+    """`model.model_config.pet_config` with `pet_type: ptuning2`; the defaults are MindFormers' Ptuning2Config."""
+
+    pre_seq_len: int = 128          # prefix rows per layer (key/value cache slots before the prompt)
+    prefix_projection: bool = False  # reparameterise the prefix through a 2-layer tanh MLP
+    projection_dim: int = 128       # that MLP's hidden width (used only with prefix_projection)
+    dropout_prob: float = 0.01      # dropout on the prefix keys/values, training only
+
+    def to_dict(self) -> dict:
+        return {"pet_type": PET_TYPE, **dataclasses.asdict(self)}
+
+
+DEFAULTS = PTuningSettings()
+
+
+def ptuning_settings(pet_config: Optional[dict], where: str = "model.model_config.pet_config"
+                     ) -> Optional[PTuningSettings]:
+    """The P-Tuning v2 settings of a pet_config mapping, or None when it is absent or another method."""
+    if not pet_config or pet_config.get("pet_type") != PET_TYPE:
+        return None
+    known = {f.name for f in dataclasses.fields(PTuningSettings)}
+    values = {k: v for k, v in pet_config.items() if k in known and v is not None}
+    s = PTuningSettings(**values)
+    for key in ("pre_seq_len", "projection_dim"):
+        v = getattr(s, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GLMError(f"{where}.{key}: expected a positive integer, got {v!r}")
+    if not 0.0 <= float(s.dropout_prob) < 1.0:
+        raise GLMError(f"{where}.dropout_prob: expected a probability in [0, 1), got {s.dropout_prob!r}")
+    return s
+
 
 @dataclass
 class GLMConfig:
@@ -77,9 +114,7 @@ class GLMConfig:
 
     @property
     def ptuning(self):
-        """The P-Tuning v2 settings (glm.model.ptuning.PTuningSettings), or None."""
-        from glm.model.ptuning import ptuning_settings
-
+        """The P-Tuning v2 settings (PTuningSettings), or None."""
         return ptuning_settings(self.pet_config)
 
     @property
