@@ -187,6 +187,16 @@ def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, over
     return apply_overrides(cfg, [f"{k}={_yaml_scalar(v)}" for k, v in pairs] + list(overrides))
 
 
+def print_notices(cfg: dict) -> None:
+    """The one summary line of performance/device-only settings that are set but cannot apply here."""
+    from glm.policy import notice_line
+    from glm.settings import resolve
+
+    line = notice_line(resolve(cfg))
+    if line:
+        click.echo(line, err=True)
+
+
 def _yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -198,6 +208,7 @@ def _yaml_scalar(value: Any) -> str:
 def run_mode_main(run_mode: str | None, opts: dict) -> None:
     """Resolve the config and run one mode (or its dry run)."""
     cfg = resolve_run_config(opts["config_path"], run_mode, opts, tuple(opts.get("overrides") or ()))
+    print_notices(cfg)
     if opts.get("dry_run"):
         from glm.dryrun import dry_run
 

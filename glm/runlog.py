@@ -32,6 +32,7 @@ from typing import Any, Optional, TextIO
 
 from glm import GLMError
 from glm.io import ensure_dir, os_error, write_bytes_atomic
+from glm.settings import RunConfig, as_run
 
 LOG_NAME = "log/glm.log"
 PLOTS = "plots"
@@ -130,7 +131,7 @@ _current: Optional[str] = None   # the run id of the run this process is doing (
 
 
 @contextmanager
-def run_log(cfg: dict) -> Iterator[str]:
+def run_log(cfg: RunConfig | dict) -> Iterator[str]:
     """The block is one run: a new run id, and for a single process (not a rank of a distributed job, whose
     launcher logs it) its output copied to output_dir/log/glm.log under a header naming the run. Nested
     calls (the CLI wraps every run mode; run_train wraps itself for callers of the API) join the outer run."""
@@ -138,11 +139,12 @@ def run_log(cfg: dict) -> Iterator[str]:
     if _current is not None:
         yield _current
         return
+    run = as_run(cfg)
     run_id = new_run_id()
-    path = None if cfg.get("use_parallel") else Path(cfg.get("output_dir") or "./output") / LOG_NAME
+    path = None if run.use_parallel else Path(run.output_dir) / LOG_NAME
     _current = run_id
     try:
-        with log_to_file(path, header_line(run_id, config_hash(cfg), str(cfg.get("run_mode", "")))):
+        with log_to_file(path, header_line(run_id, config_hash(run.raw), run.run_mode)):
             yield run_id
     finally:
         _current = None
@@ -166,21 +168,21 @@ class RunLog:
     """The per-run writer of metrics.jsonl lines (stamped with run id and config hash) and, when
     tensorboard.tensorboard_dir is set, the same scalars as TensorBoard events."""
 
-    def __init__(self, cfg: dict, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True,
+    def __init__(self, run: RunConfig, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True,
                  run_id: Optional[str] = None):
-        self.run_id, self.config_hash = run_id or new_run_id(), config_hash(cfg)
+        self.run_id, self.config_hash = run_id or new_run_id(), config_hash(run.raw)
         self.out = out
         self.metrics_path = out / metrics_name
         out.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")   # noqa: SIM115 (closed in close)
         self._tb = None
-        tb_dir = ((cfg.get("tensorboard") or {}).get("tensorboard_dir") or "") if main else ""
-        if tb_dir:
+        tb = run.tensorboard
+        if main and tb.tensorboard_dir:
             from tensorboardX import SummaryWriter
 
-            queue = int((cfg.get("tensorboard") or {}).get("tensorboard_queue_size", 10) or 10)
-            self.tensorboard_dir = Path(tb_dir) / self.run_id
-            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), max_queue=queue, flush_secs=10)
+            self.tensorboard_dir = Path(tb.tensorboard_dir) / self.run_id
+            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), max_queue=tb.tensorboard_queue_size,
+                                     flush_secs=10)
 
     @property
     def stamp(self) -> dict:
