@@ -14,10 +14,9 @@ from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
 from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
+from glm.run_inputs import RANDOM_INIT, checkpoint_paths, tokenizer_section  # noqa: F401 (importable from here)
 from glm.runtime import ms, setup_context
-from glm.settings import RunConfig, TokenizerConfig, as_run
-
-RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+from glm.settings import RunConfig, as_run
 
 
 @dataclass
@@ -79,14 +78,6 @@ def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Opt
     if lora:
         apply_lora(model, lora)
     return model, lora
-
-
-def checkpoint_paths(value) -> list[str]:
-    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
-    if value in (None, "", False):
-        return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(p).strip() for p in parts if str(p).strip()]
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
@@ -160,21 +151,6 @@ def peak_rss_mb() -> float:
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
-
-
-def tokenizer_section(cfg: RunConfig | dict) -> tuple[TokenizerConfig, str]:
-    """The tokenizer block to use outside training and where it is: processor.tokenizer if it names a
-    vocab file, else the eval dataset's, else the train dataset's."""
-    run = as_run(cfg)
-    candidates = [(run.processor.tokenizer, "processor.tokenizer")]
-    for name in ("eval_dataset", "train_dataset"):
-        data = getattr(run, name)
-        if data is not None:
-            candidates.append((data.tokenizer, f"{name}.tokenizer"))
-    for section, where in candidates:
-        if section.vocab_file:
-            return section, where
-    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
 
 
 def build_tokenizer(cfg: RunConfig | dict):

@@ -111,7 +111,10 @@ def normalize_messages(conversation: Any, tools: Any = None, system: str | None 
             if own_tools:
                 content = tools_text(content, own_tools)
         out.append(Message(role, content, metadata, loss))
-    if system is not None and out[0].role != "system":
+    if system is not None:
+        if out[0].role == "system":
+            raise ChatFormatError("two system prompts: the conversation starts with a system turn and the "
+                                  "system column is set too")
         out.insert(0, Message("system", system))
     if tools:
         if out[0].role == "system":
