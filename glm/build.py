@@ -14,10 +14,9 @@ from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
 from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
+from glm.run_inputs import RANDOM_INIT, checkpoint_paths, tokenizer_section  # noqa: F401 (importable from here)
 from glm.runtime import ms, setup_context
-from glm.settings import RunConfig, TokenizerConfig, as_run
-
-RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+from glm.settings import RunConfig, as_run
 
 
 @dataclass
@@ -81,16 +80,8 @@ def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Opt
     return model, lora
 
 
-def checkpoint_paths(value) -> list[str]:
-    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
-    if value in (None, "", False):
-        return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(p).strip() for p in parts if str(p).strip()]
-
-
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str) -> list[str]:
+                     run_mode: str, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
     `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
@@ -120,12 +111,14 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 _check_adapter(path, meta, lora)
                 if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                     used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode)
+                                             run_mode=run_mode, _adapter_follows=True)
                 state = {k: v.asnumpy() for k, v in params.items()}
-                load_weights_into(model, state, strict=False, where=path)
+                load_weights_into(model, state, where=path, part="adapter")
                 used.append(path)
                 continue
-        load_weights(model, path, strict=not (lora and i > 0))
+        # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
+        part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
+        load_weights(model, path, part=part)
         used.append(path)
     return used
 
@@ -160,21 +153,6 @@ def peak_rss_mb() -> float:
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
-
-
-def tokenizer_section(cfg: RunConfig | dict) -> tuple[TokenizerConfig, str]:
-    """The tokenizer block to use outside training and where it is: processor.tokenizer if it names a
-    vocab file, else the eval dataset's, else the train dataset's."""
-    run = as_run(cfg)
-    candidates = [(run.processor.tokenizer, "processor.tokenizer")]
-    for name in ("eval_dataset", "train_dataset"):
-        data = getattr(run, name)
-        if data is not None:
-            candidates.append((data.tokenizer, f"{name}.tokenizer"))
-    for section, where in candidates:
-        if section.vocab_file:
-            return section, where
-    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
 
 
 def build_tokenizer(cfg: RunConfig | dict):

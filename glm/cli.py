@@ -227,7 +227,13 @@ def run_mode_main(run_mode: str | None, opts: dict) -> None:
 
         dry_run(cfg, cfg["run_mode"])
         return
-    RUN_MODES[cfg["run_mode"]][0](cfg, opts)
+    if cfg["run_mode"] == "chat":   # interactive: a transcript without the questions is no log
+        RUN_MODES["chat"][0](cfg, opts)
+        return
+    from glm.runlog import run_log
+
+    with run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
+        RUN_MODES[cfg["run_mode"]][0](cfg, opts)
 
 
 def _run_mode_command(name: str, help_line: str, extra: list) -> click.Command:

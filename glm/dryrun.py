@@ -15,22 +15,14 @@ checkpoint fills them: a 6B config is checked on a laptop in seconds (without a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import yaml
 
-from glm.build import (
-    RANDOM_INIT,
-    build_model,
-    build_tokenizer,
-    check_device,
-    checkpoint_paths,
-    load_checkpoints,
-    tokenizer_section,
-)
+from glm.build import build_model, build_tokenizer, check_device, load_checkpoints
 from glm.export import export_preflight
 from glm.model.glm import count_parameters
+from glm.run_inputs import DATA_OF_MODE, RANDOM_INIT, checkpoint_paths, tokenizer_section
 from glm.settings import RunConfig, as_run
 
 
@@ -55,8 +47,6 @@ def _show_ids(ids: np.ndarray, limit: int = 24) -> str:
     return f"[{head}{', ...' if len(ids) > limit else ''}] ({len(ids)} tokens)"
 
 
-# The data a run mode reads (export reads none; predict and chat only the tokenizer).
-DATA_OF_MODE = {"train": "train_dataset", "finetune": "train_dataset", "eval": "eval_dataset"}
 
 
 def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
@@ -92,7 +82,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
 def _show_sample(run: RunConfig, name: str, mcfg) -> None:
     from glm.dataset import build_dataset  # imports mindspore.dataset; no graph is compiled
 
-    data = build_dataset(dataclasses.asdict(run.dataset(name)), batch_size=run.runner_config.batch_size,
+    data = build_dataset(run.dataset(name), batch_size=run.runner_config.batch_size,
                          seq_length=mcfg.seq_length if name == "train_dataset" else None, where=name)
     tok = data.tokenizer
     ids, labels = data.samples["input_ids"][0], data.samples["labels"][0]

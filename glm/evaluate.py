@@ -21,13 +21,12 @@ from tqdm import tqdm
 
 from glm import GLMError
 from glm.build import build_model, generation_config, init_process, load_checkpoints
-from glm.chat_format import parse_reply, reply_text
 from glm.dataset import build_dataset
 from glm.generate import Generator
 from glm.io import write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
-from glm.settings import RunConfig, as_run
+from glm.settings import DatasetConfig, RunConfig, as_run
 
 STATS_FILE = "eval_data_stats.json"
 
@@ -35,8 +34,8 @@ STATS_FILE = "eval_data_stats.json"
 def run_eval(cfg: RunConfig | dict) -> dict:
     cfg = as_run(cfg)
     proc = init_process(cfg)
-    section = dataclasses.asdict(cfg.eval_data)
-    phase = (section.get("data_loader") or {}).get("phase", "eval")
+    section = cfg.eval_data
+    phase = section.data_loader.phase
     metric_type = cfg.metric.type
     out = Path(cfg.output_dir or "./output")
     out.mkdir(parents=True, exist_ok=True)
@@ -52,12 +51,12 @@ def run_eval(cfg: RunConfig | dict) -> dict:
     return result
 
 
-def _limit(section: dict, n: int) -> int:
-    limit = section.get("max_eval_samples")
+def _limit(section: DatasetConfig, n: int) -> int:
+    limit = section.max_eval_samples
     return n if limit in (None, -1, 0) else min(n, int(limit))
 
 
-def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _adgen(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, write_stats: bool = True) -> dict:
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
@@ -77,9 +76,7 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
             idx = list(range(start, min(n, start + batch)))
             prompts = [[int(t) for t in ids_all[i] if t != tok.pad_id] for i in idx]
             outputs = generator.generate(prompts, gen_cfg)
-            preds = [tok.decode(o) for o in outputs]
-            if data.stats.get("format") == "conversations":  # "tool\n{args}" or the reply, as the reference
-                preds = [reply_text(*parse_reply(p)) for p in preds]
+            preds = [data.prediction_text(o) for o in outputs]
             records = [data.records[i] for i in idx]
             before = len(metric.per_sample)
             metric.update(preds, [r.answer for r in records], [r.line for r in records])
@@ -103,10 +100,10 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
     return result
 
 
-def _perplexity(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _perplexity(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, write_stats: bool = True) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
-    section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
+    section = dataclasses.replace(section, data_loader=dataclasses.replace(section.data_loader, phase="train"))
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
     if write_stats:
