@@ -71,7 +71,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
         print("load_checkpoint: (none: random initialisation)")
     name = DATA_OF_MODE.get(run_mode)
     if name is None:
-        if run_mode in ("predict", "chat"):
+        if run_mode in ("predict", "chat", "serve"):
             tok = build_tokenizer(run)
             print(f"tokenizer: {tokenizer_section(run)[1]} ({tok.vocab_size} ids)")
         print(f"\n{run_mode} reads no dataset; dry run OK")
