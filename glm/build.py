@@ -63,6 +63,14 @@ def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]
     return model, lora
 
 
+def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
+    """Every id the tokenizer can produce must index the embedding: checked before any graph is built."""
+    if tokenizer.vocab_size > mcfg.padded_vocab_size:
+        raise GLMError(f"{where}: the tokenizer ({tokenizer.vocab_file}) has {tokenizer.vocab_size} ids but "
+                       f"model.model_config.padded_vocab_size is {mcfg.padded_vocab_size}; use the model's own "
+                       "tokenizer or a padded_vocab_size of at least the tokenizer's size")
+
+
 def checkpoint_paths(value) -> list[str]:
     """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
     if value in (None, "", False):

@@ -65,7 +65,7 @@ def test_tiny_configs(path):
     assert mc["seq_length"] == 48 + 79 + 1
     assert {mc["param_init_type"], mc["compute_dtype"]} == {"float32"}
     assert cfg["context"]["device_target"] == "CPU" and cfg["use_parallel"] is False
-    assert cfg["load_checkpoint"] == "random" and cfg["output_dir"] == "./output"
+    assert cfg["load_checkpoint"] == "random" and cfg["output_dir"].startswith("./output/")
     assert cfg["runner_config"]["batch_size"] == 4
     assert cfg["lr_schedule"] == {**cfg["lr_schedule"], "type": "polynomial", "learning_rate": 1e-3, "warmup_steps": 10}
     assert (cfg["optimizer"]["type"], cfg["optimizer"]["beta2"], cfg["optimizer"]["weight_decay"]) == \
