@@ -87,7 +87,7 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
     `--load_checkpoint adapter.ckpt` alone is enough when that base file is still where it was.
     """
     from glm.checkpoint import load_state
-    from glm.weights import load_weights, load_weights_into
+    from glm.weights import load_weights_into, read_weights
 
     paths = checkpoint_paths(value)
     if paths == [RANDOM_INIT]:
@@ -97,26 +97,47 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
                            f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
         return []
-    used = []
+    used, lora_loaded, adapter_given = [], set(), False
     for i, path in enumerate(paths):
         if path == RANDOM_INIT:
             continue
         if not os.path.exists(path):
             raise GLMError(f"load_checkpoint: {path} does not exist")
+        meta: dict = {}
         if path.endswith(".ckpt") and os.path.isfile(path):
             params, meta = load_state(path)
-            if meta.get("kind") == "adapter":
-                _check_adapter(path, meta, lora)
-                if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
-                    used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode)
-                state = {k: v.asnumpy() for k, v in params.items()}
-                load_weights_into(model, state, strict=False, where=path)
-                used.append(path)
-                continue
-        load_weights(model, path, strict=not (lora and i > 0))
+            state = {k: v.asnumpy() for k, v in params.items() if hasattr(v, "asnumpy")}
+        else:
+            state = read_weights(path)
+        is_adapter = meta.get("kind") == "adapter"
+        if is_adapter:
+            _check_adapter(path, meta, lora)
+            if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
+                used += load_checkpoints(model, meta["base_checkpoint"], None, required=True, run_mode=run_mode)
+        elif lora and i > 0 and not any(".lora_" in k for k in state):
+            raise GLMError(f"load_checkpoint {path}: the adapter half of 'base,adapter' holds no LoRA weights (a "
+                           f"{meta.get('kind') or 'plain'} checkpoint); give the *-adapter.ckpt a LoRA run saved")
+        adapter_given |= is_adapter or bool(lora and i > 0)
+        load_weights_into(model, state, strict=not (is_adapter or (lora and i > 0)), where=path)
+        lora_loaded |= {k for k in state if ".lora_" in k}
         used.append(path)
+    if lora:
+        _report_lora(model, lora_loaded, adapter_given, run_mode)
     return used
+
+
+def _report_lora(model: GLMForCausalLM, loaded: set, adapter_given: bool, run_mode: str) -> None:
+    """Say so when LoRA weights are really missing: an adapter without some of them, or an eval/predict/export
+    with no adapter at all (the freshly initialised adapters add nothing: that runs the base model). A
+    fine-tune starting from base weights alone is the normal case and says nothing."""
+    names = [n for n, _ in model.parameters_and_names() if ".lora_" in n]
+    missing = [n for n in names if n not in loaded]
+    if adapter_given and missing:
+        print(f"warning: the adapter lacks {len(missing)} of the model's {len(names)} LoRA parameter(s) (e.g. "
+              f"{missing[0]}); those are left as initialised", file=sys.stderr)
+    elif not adapter_given and not loaded and run_mode not in ("train", "finetune"):
+        print(f"warning: no LoRA adapter loaded: --run_mode {run_mode} runs the base model (the adapters are as "
+              "initialised); pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
 
 
 def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
@@ -173,7 +194,8 @@ def generation_config(cfg: dict, tokenizer, **overrides):
                            do_sample=bool(m.get("do_sample", False)), temperature=float(m.get("temperature", 1.0)),
                            top_k=int(m.get("top_k", 0) or 0), top_p=float(m.get("top_p", 1.0)),
                            repetition_penalty=float(m.get("repetition_penalty", 1.0)), eos_token_id=eos_ids,
-                           pad_token_id=int(m.get("pad_token_id", 0)), seed=int(cfg.get("seed", 0) or 0))
+                           pad_token_id=int(m.get("pad_token_id", 0)), seed=int(cfg.get("seed", 0) or 0),
+                           vocab_size=tokenizer.vocab_size)
     for k, v in overrides.items():
         setattr(gen, k, v)
     if gen.do_sample and gen.top_k == 1:

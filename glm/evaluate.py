@@ -19,11 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints
+from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
-from glm.io import write_json_atomic
+from glm.io import ensure_dir, write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
 
@@ -35,8 +35,9 @@ def run_eval(cfg: dict) -> dict:
     section = dataset_section(cfg, "eval_dataset")
     phase = (section.get("data_loader") or {}).get("phase", "eval")
     metric_type = (cfg.get("metric") or {}).get("type", "ADGENMetric")
-    out = Path(cfg.get("output_dir") or "./output")
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(cfg.get("output_dir") or "./output")
+    if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
+        (out / "metrics.json").unlink(missing_ok=True)
     batch = int((cfg.get("runner_config") or {}).get("batch_size", 1))
     if metric_type == "PerplexityMetric" or phase == "train":
         result = _perplexity(cfg, section, batch, out, proc.is_main)
@@ -60,6 +61,7 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = 
         write_json_atomic(data.stats, out / STATS_FILE)
     tok = data.tokenizer
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
+    check_vocab(tok, model.config, "eval_dataset.tokenizer")
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
     gen_cfg = generation_config(cfg, tok)
     generator = Generator(model, use_cache=True)
@@ -104,6 +106,7 @@ def _perplexity(cfg: dict, section: dict, batch: int, out: Path, write_stats: bo
     section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
+    check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
