@@ -145,7 +145,7 @@ def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
     if lora is None:
         raise GLMError(f"load_checkpoint {path}: this is a LoRA adapter (rank {saved.get('lora_rank')}) but the "
                        "config has no model.model_config.pet_config; add the same pet_config, or merge it first "
-                       "with tools/merge_lora.py")
+                       "with glm merge-lora")
     for key in ("lora_rank", "target_modules"):
         if saved.get(key) != lora.get(key):
             raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "

@@ -155,11 +155,10 @@ def test_full_disk_is_one_line_no_temp_left_and_previous_checkpoint_loadable(tmp
 
 def cli(capsys, *args) -> str:
     """run_glm.py in this process (for errors raised before any model is built): the one stderr line."""
-    sys.path.insert(0, str(REPO))
-    import run_glm
+    from glm.cli import run_glm_main
 
     with pytest.raises(SystemExit) as e:
-        run_glm.main(list(args))
+        run_glm_main(list(args))
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
