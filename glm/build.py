@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +13,7 @@ from glm.io import write_json_atomic  # noqa: F401  (its home is glm.io; kept im
 from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
+from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
 from glm.runtime import ms, setup_context
 
 RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
@@ -54,9 +56,13 @@ def model_config(cfg: dict, **overrides) -> GLMConfig:
 
 
 def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]:
-    """The model (with LoRA adapters when `pet_config` asks for them) and its LoRA settings."""
+    """The model and its parameter-efficient tuning settings (None for full fine-tuning): LoRA adapters
+    are attached here; a P-Tuning v2 prefix encoder is part of the model (see glm/model/ptuning.py).
+    Either way only the adapter or prefix trains."""
     mcfg = model_config(cfg, **overrides)
     model = GLMForCausalLM(mcfg)
+    if mcfg.ptuning:
+        return model, mcfg.ptuning.to_dict()
     lora = lora_settings(mcfg.pet_config)
     if lora:
         apply_lora(model, lora)
@@ -81,10 +87,11 @@ def checkpoint_paths(value) -> list[str]:
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
                      run_mode: str) -> list[str]:
-    """Load base weights and/or a LoRA adapter into `model`; return the files used.
+    """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
-    An adapter checkpoint written by this tool names the base weights it was trained on, so
-    `--load_checkpoint adapter.ckpt` alone is enough when that base file is still where it was.
+    `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
+    weights it was trained on, so `--load_checkpoint adapter.ckpt` alone is enough when that base file
+    is still where it was.
     """
     from glm.checkpoint import load_state
     from glm.weights import load_weights_into, read_weights
@@ -97,7 +104,7 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
                            f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
         return []
-    used, lora_loaded, adapter_given = [], set(), False
+    used, loaded, adapter_given = [], set(), False
     for i, path in enumerate(paths):
         if path == RANDOM_INIT:
             continue
@@ -114,42 +121,61 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             _check_adapter(path, meta, lora)
             if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                 used += load_checkpoints(model, meta["base_checkpoint"], None, required=True, run_mode=run_mode)
-        elif lora and i > 0 and not any(".lora_" in k for k in state):
-            raise GLMError(f"load_checkpoint {path}: the adapter half of 'base,adapter' holds no LoRA weights (a "
-                           f"{meta.get('kind') or 'plain'} checkpoint); give the *-adapter.ckpt a LoRA run saved")
+        elif lora and i > 0 and not any(_ADAPTER_MARK.search(k) for k in state):
+            raise GLMError(f"load_checkpoint {path}: the adapter half of 'base,adapter' holds no adapter weights (a "
+                           f"{meta.get('kind') or 'plain'} checkpoint); give the *-adapter.ckpt a LoRA or P-Tuning "
+                           "run saved")
         adapter_given |= is_adapter or bool(lora and i > 0)
         load_weights_into(model, state, strict=not (is_adapter or (lora and i > 0)), where=path)
-        lora_loaded |= {k for k in state if ".lora_" in k}
+        loaded |= set(state)
         used.append(path)
     if lora:
-        _report_lora(model, lora_loaded, adapter_given, run_mode)
+        _report_adapter(model, loaded, adapter_given, run_mode)
     return used
 
 
-def _report_lora(model: GLMForCausalLM, loaded: set, adapter_given: bool, run_mode: str) -> None:
-    """Say so when LoRA weights are really missing: an adapter without some of them, or an eval/predict/export
-    with no adapter at all (the freshly initialised adapters add nothing: that runs the base model). A
-    fine-tune starting from base weights alone is the normal case and says nothing."""
-    names = [n for n, _ in model.parameters_and_names() if ".lora_" in n]
+_ADAPTER_MARK = re.compile(r"\.lora_|prefix_encoder\.")   # LoRA factors, P-Tuning v2 prefix encoder
+
+
+def _report_adapter(model: GLMForCausalLM, loaded: set, adapter_given: bool, run_mode: str) -> None:
+    """Say so when adapter weights are really missing: an adapter without some of them, or an eval/predict/
+    export with no adapter at all (freshly initialised adapters: that is not the tuned model). A fine-tune
+    starting from base weights alone is the normal case and says nothing."""
+    names = [p.name for p in model.trainable_params()]   # with pet_config only the adapter trains
     missing = [n for n in names if n not in loaded]
-    if adapter_given and missing:
-        print(f"warning: the adapter lacks {len(missing)} of the model's {len(names)} LoRA parameter(s) (e.g. "
+    if not missing:
+        return
+    if adapter_given:
+        print(f"warning: the adapter lacks {len(missing)} of the model's {len(names)} adapter parameter(s) (e.g. "
               f"{missing[0]}); those are left as initialised", file=sys.stderr)
-    elif not adapter_given and not loaded and run_mode not in ("train", "finetune"):
-        print(f"warning: no LoRA adapter loaded: --run_mode {run_mode} runs the base model (the adapters are as "
-              "initialised); pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
+    elif len(missing) == len(names) and run_mode not in ("train", "finetune"):
+        print(f"warning: no adapter loaded: --run_mode {run_mode} runs the adapters as initialised, not a tuned "
+              "model; pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
 
 
-def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
-    saved = meta.get("lora") or {}
-    if lora is None:
-        raise GLMError(f"load_checkpoint {path}: this is a LoRA adapter (rank {saved.get('lora_rank')}) but the "
-                       "config has no model.model_config.pet_config; add the same pet_config, or merge it first "
-                       "with glm merge-lora")
-    for key in ("lora_rank", "target_modules"):
-        if saved.get(key) != lora.get(key):
+def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
+    """The adapter's recorded hyper-parameters must be the config's: a mismatch names the key."""
+    saved = meta.get("pet") or meta.get("lora") or {}   # files before P-Tuning recorded only "lora"
+    kind = saved.get("pet_type", "lora")
+    if kind == PTUNING_TYPE:
+        what = f"a P-Tuning v2 prefix (pre_seq_len {saved.get('pre_seq_len')})"
+        keys = ["pre_seq_len", "prefix_projection"] + (["projection_dim"] if saved.get("prefix_projection") else [])
+        fix = ("add model.model_config.pet_config: {pet_type: ptuning2, "
+               + ", ".join(f"{k}: {saved.get(k)}" for k in keys) + "}")
+    else:
+        what = f"a LoRA adapter (rank {saved.get('lora_rank')})"
+        keys = ["lora_rank", "target_modules"]
+        fix = "add the same pet_config, or merge it first with glm merge-lora"
+    if pet is None:
+        raise GLMError(f"load_checkpoint {path}: this is {what} but the config has no "
+                       f"model.model_config.pet_config; {fix}")
+    if pet.get("pet_type") != kind:
+        raise GLMError(f"load_checkpoint {path}: this is {what} but model.model_config.pet_config.pet_type is "
+                       f"{pet.get('pet_type')!r}")
+    for key in keys:
+        if saved.get(key) != pet.get(key):
             raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "
-                           f"model.model_config.pet_config.{key} is {lora.get(key)!r}")
+                           f"model.model_config.pet_config.{key} is {pet.get(key)!r}")
 
 
 def peak_rss_mb() -> float:

@@ -102,15 +102,21 @@ def _export(cfg: dict, opts: dict) -> None:
     run_export(cfg)
 
 
-# run mode -> (function(resolved config, command-line options), one-line help). `glm <mode>` and
-# `run_glm.py --run_mode <mode>` both dispatch through this dict.
-RUN_MODES: dict[str, tuple[Callable[[dict, dict], None], str]] = {
-    "train": (_train, "Train from the config's weights (or random) on train_dataset."),
-    "finetune": (_train, "Fine-tune load_checkpoint (full or LoRA) on train_dataset."),
-    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE)."),
-    "predict": (_predict, "Answer prompts given with --predict_data (text, .txt or .jsonl)."),
-    "export": (_export, "Export a MindIR graph for serving."),
-    "chat": (_chat, "Talk to the model on the terminal, keeping the history."),
+_PREDICT_OPTIONS = [
+    click.option("--predict_data", multiple=True,
+                 help="A prompt, several (repeat the flag), or a file (.txt one per line, .jsonl)."),
+    click.option("--raw_prompt", is_flag=True, help="Use the prompt text as is (no chat template)."),
+]
+
+# run mode -> (function(resolved config, command-line options), one-line help, its own options). `glm <mode>`
+# and `run_glm.py --run_mode <mode>` both dispatch through this dict.
+RUN_MODES: dict[str, tuple[Callable[[dict, dict], None], str, list]] = {
+    "train": (_train, "Train from the config's weights (or random) on train_dataset.", []),
+    "finetune": (_train, "Fine-tune load_checkpoint (full or LoRA) on train_dataset.", []),
+    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE).", []),
+    "predict": (_predict, "Answer prompts given with --predict_data (text, .txt or .jsonl).", _PREDICT_OPTIONS),
+    "export": (_export, "Export a MindIR graph for serving.", []),
+    "chat": (_chat, "Talk to the model on the terminal, keeping the history.", []),
 }
 
 _FLAG_KEYS = {
@@ -137,24 +143,27 @@ _RUN_OPTIONS = [
     click.option("--use_parallel", type=BOOL, default=None, help="Data-parallel over ranks (see glm launch)."),
     click.option("--train_dataset_dir", default=None, help="Sets train_dataset.data_loader.dataset_dir."),
     click.option("--eval_dataset_dir", default=None, help="Sets eval_dataset.data_loader.dataset_dir."),
-    click.option("--predict_data", multiple=True,
-                 help="predict: a prompt, several (repeat the flag), or a file (.txt one per line, .jsonl)."),
     click.option("--batch_size", type=click.IntRange(min=1), default=None, help="Sets runner_config.batch_size."),
     click.option("--epochs", type=click.IntRange(min=1), default=None),
     click.option("--gradient_accumulation_steps", type=click.IntRange(min=1), default=None),
     click.option("--max_steps", type=int, default=None, help="Stop training after this many optimizer steps."),
-    click.option("--raw_prompt", is_flag=True, help="predict: use the prompt text as is (no chat template)."),
     click.option("--dry_run", is_flag=True,
                  help="Build and check everything, print the config, parameter counts and one sample; no training."),
-    click.argument("overrides", nargs=-1),
 ]
 
 
-def run_options(fn: Callable) -> Callable:
-    """The flags shared by every run mode (they mirror MindFormers' run_mindformer.py)."""
-    for option in reversed(_RUN_OPTIONS):
-        fn = option(fn)
-    return fn
+def run_options(*extra: list) -> Callable[[Callable], Callable]:
+    """The flags of every run mode (they mirror MindFormers' run_mindformer.py), then `extra` ones, then the
+    key=value OVERRIDES."""
+    own = list(dict.fromkeys(o for group in extra for o in group))   # run_glm.py: every mode's, once
+    options = [*_RUN_OPTIONS, *own, click.argument("overrides", nargs=-1)]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, overrides: tuple = ()) -> dict:
@@ -203,10 +212,10 @@ def run_mode_main(run_mode: str | None, opts: dict) -> None:
     RUN_MODES[mode][0](cfg, opts)
 
 
-def _run_mode_command(name: str, help_line: str) -> click.Command:
+def _run_mode_command(name: str, help_line: str, extra: list) -> click.Command:
     @click.command(name, context_settings=CONTEXT, help=help_line + "\n\nOVERRIDES are dotted key=value "
                    "pairs applied after the flags, e.g. runner_config.epochs=3.", short_help=help_line)
-    @run_options
+    @run_options(extra)
     def command(**opts: Any) -> None:
         run_mode_main(name, opts)
 
@@ -216,7 +225,7 @@ def _run_mode_command(name: str, help_line: str) -> click.Command:
 @click.command("run_glm.py", cls=Command, context_settings=CONTEXT)
 @click.option("--run_mode", type=click.Choice(list(RUN_MODES)), default=None,
               help="What to do; defaults to the config's run_mode.")
-@run_options
+@run_options(*(extra for _, _, extra in RUN_MODES.values()))
 def run_glm(run_mode: str | None, **opts: Any) -> None:
     """Train, fine-tune, evaluate, predict with or export ChatGLM2/ChatGLM3 from one YAML config.
 
@@ -242,8 +251,8 @@ def cli() -> None:
     """
 
 
-for _name, (_fn, _help) in RUN_MODES.items():
-    cli.add_command(_run_mode_command(_name, _help))
+for _name, (_fn, _help, _extra) in RUN_MODES.items():
+    cli.add_command(_run_mode_command(_name, _help, _extra))
 
 
 def _register_tools() -> None:

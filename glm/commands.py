@@ -135,8 +135,8 @@ def transform_ckpt_command(src_ckpt_strategy: str | None, dst_ckpt_strategy: str
 def validate_command(config_path: str, run_mode: str | None, overrides: tuple[str, ...]) -> None:
     """Check CONFIG (with key=value OVERRIDES) as a run would, without building the model.
 
-    Every key and value is checked, and the files the run mode reads (datasets, tokenizer, checkpoints)
-    must exist. Exit 0 and one `ok` line, or one `error:` line and exit 2.
+    Every key and value is checked, the files the run mode reads (datasets, tokenizer, checkpoints) must
+    exist and the tokenizer must load. Exit 0 and one `ok` line, or one `error:` line and exit 2.
     """
     from glm.cli import resolve_run_config
 
@@ -158,11 +158,11 @@ def _check_run_files(cfg: dict) -> list[str]:
     for name in names:
         section = dataset_section(cfg, name)
         wanted.append((f"{name}.data_loader.dataset_dir", (section.get("data_loader") or {}).get("dataset_dir")))
+    tokenizer = None
     for name in names or ["eval_dataset", "train_dataset"]:   # the tokenizer of any mode
-        section = cfg.get(name) or {}
-        vocab = (section.get("tokenizer") or {}).get("vocab_file")
-        if vocab:
-            wanted.append((f"{name}.tokenizer.vocab_file", vocab))
+        tokenizer = (cfg.get(name) or {}).get("tokenizer") or {}
+        if tokenizer.get("vocab_file"):
+            wanted.append((f"{name}.tokenizer.vocab_file", tokenizer["vocab_file"]))
             break
     for part in str(cfg.get("load_checkpoint") or "").split(","):
         if part.strip() and part.strip() != "random":
@@ -172,6 +172,10 @@ def _check_run_files(cfg: dict) -> list[str]:
             raise GLMError(f"{key}: not set; run_mode {mode} reads it")
         if not os.path.exists(path):
             raise GLMError(f"{key}: {path} does not exist (relative paths are read from {os.getcwd()})")
+    if tokenizer and tokenizer.get("vocab_file") and tokenizer.get("type"):   # it loads; no model
+        from glm.tokenizer import load_tokenizer
+
+        load_tokenizer(tokenizer["type"], tokenizer["vocab_file"])
     return [path for _, path in wanted]
 
 

@@ -41,8 +41,10 @@ _HOST = re.compile(r"[A-Za-z0-9._:-]+")
 _CLUSTER_VARS = ("MS_ROLE", "MS_NODE_ID", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_TOPO_TIMEOUT",
                  "RANK_TABLE_FILE", "RANK_ID", "DEVICE_ID", "RANK_SIZE")
 # Names the messages use for each input: the positional scripts' or `glm launch`'s flags.
-SCRIPT_NAMES = {"range": "DEVICE_RANGE", "rank_size": "RANK_SIZE", "run_mode": "RUN_STATUS"}
-FLAG_NAMES = {"range": "--devices", "rank_size": "--rank_size", "run_mode": "--run_mode"}
+SCRIPT_NAMES = {"range": "DEVICE_RANGE", "rank_size": "RANK_SIZE", "run_mode": "RUN_STATUS",
+                "predict_data": "PREDICT_DATA"}
+FLAG_NAMES = {"range": "--devices", "rank_size": "--rank_size", "run_mode": "--run_mode",
+              "predict_data": "--predict_data"}
 
 
 class LaunchUsageError(GLMError):
@@ -66,7 +68,6 @@ class LaunchPlan:
     output_dir: Path
     command: list[str]           # what every process runs
     procs: list[Proc] = field(default_factory=list)
-    form: str = "msrun"          # or "rank_table"
     summary: str = ""
 
 
@@ -106,117 +107,136 @@ def plan_launch(config: str, devices: str, run_mode: str, *, rank_table: str | N
                 rank_size: int | str | None = None, nodes: int | str | None = None,
                 node_rank: int | str | None = None, master_addr: str | None = None,
                 master_port: int | str | None = None, predict_data: str | None = None,
-                overrides: tuple[str, ...] = (), names: dict = SCRIPT_NAMES,
-                environ: dict | None = None) -> LaunchPlan:
+                overrides: tuple[str, ...] = (), names: dict = SCRIPT_NAMES) -> LaunchPlan:
     """Check the arguments against each other and work out every process's environment and log."""
-    env = dict(os.environ if environ is None else environ)
     cfg_path = Path(os.path.abspath(os.path.expanduser(config)))
     start, end = parse_device_range(devices, names)
     if run_mode not in DIST_RUN_MODES:
         raise LaunchUsageError(f"{names['run_mode']} must be train, finetune, eval or predict, got '{run_mode}'")
     if predict_data is not None and run_mode != "predict":
-        raise LaunchUsageError("PREDICT_DATA is only accepted with RUN_STATUS predict"
-                               if names is SCRIPT_NAMES else "--predict_data goes with --run_mode predict")
+        raise LaunchUsageError(f"{names['predict_data']} is only accepted with {names['run_mode']} predict")
     if not cfg_path.is_file():
         raise LaunchUsageError(f"config file {cfg_path} not found")
-    table_path = Path(os.path.abspath(rank_table)) if rank_table else None
-    if table_path is not None and not table_path.is_file():
-        raise LaunchUsageError(f"rank table {table_path} not found")
-    local_n = end - start
-    multi = rank_size is not None
+    table = Path(os.path.abspath(rank_table)) if rank_table else None
+    if table is not None and not table.is_file():
+        raise LaunchUsageError(f"rank table {table} not found")
+    multi = rank_size is not None   # RANK_SIZE given: this machine is one of several
     if multi:
         rank_size = _uint(rank_size, f"{names['rank_size']} must be a positive integer, got '{rank_size}'", 1)
         if end > rank_size:
             raise LaunchUsageError(f"{names['rank_size']} {rank_size} is too small for {names['range']} "
                                    f"[{start},{end}] (ranks are START..END-1)")
     else:
-        rank_size = local_n
-    msrun_opts = [(n, v) for n, v in (("--master_addr", master_addr), ("--master_port", master_port),
-                                      ("--nodes", nodes), ("--node_rank", node_rank)) if v is not None]
-    if table_path is not None and msrun_opts:
-        raise LaunchUsageError(f"{msrun_opts[0][0]} is only for the msrun form (no rank table)")
-
-    if table_path is None:
-        addr = master_addr or env.get("MASTER_ADDR") or "127.0.0.1"
-        if not _HOST.fullmatch(addr):
-            raise LaunchUsageError(f"master address must be an IP address or a host name, got '{addr}'")
-        port_text = str(master_port if master_port is not None else env.get("MASTER_PORT") or "8118")
-        if not (port_text.isdigit() and len(port_text) <= 5 and 1 <= int(port_text) <= 65535):
-            raise LaunchUsageError(f"master port must be a number from 1 to 65535, got '{port_text}'")
-        if nodes is not None:
-            nodes = _uint(nodes, f"--nodes must be a positive integer, got '{nodes}'", 1)
-            if multi and rank_size != nodes * local_n:
-                raise LaunchUsageError(
-                    f"--nodes {nodes} x {local_n} ranks per node ({names['range']} [{start},{end}]) is "
-                    f"{nodes * local_n} ranks, but {names['rank_size']} is {rank_size}")
-            if not multi and nodes > 1:
-                rank_size, multi = nodes * local_n, True
-                if end > rank_size:
-                    raise LaunchUsageError(f"{names['range']} [{start},{end}] is beyond the {rank_size} ranks of "
-                                           f"--nodes {nodes} (ranks are START..END-1)")
-        elif multi:
-            if rank_size % local_n:
-                raise LaunchUsageError(f"{names['rank_size']} {rank_size} is not a multiple of the {local_n} ranks "
-                                       f"per node of {names['range']} [{start},{end}]")
-            nodes = rank_size // local_n
-        else:
-            nodes = 1
-        if multi and start % local_n:
-            raise LaunchUsageError(f"{names['range']} [{start},{end}] is not one whole node: START must be a "
-                                   f"multiple of {local_n} (END-START)")
-        derived = start // local_n if multi else 0
-        given, source = (node_rank, "--node_rank") if node_rank is not None else (env.get("NODE_RANK"), "NODE_RANK")
-        if given not in (None, ""):
-            k = _uint(given, f"{source} must be a non-negative integer, got '{given}'")
-            if k >= nodes:
-                raise LaunchUsageError(f"{source} {k} must be smaller than the number of nodes ({nodes})")
-            if k != derived:
-                raise LaunchUsageError(
-                    f"{source} {k} disagrees with {names['range']} [{start},{end}], which holds the ranks of "
-                    f"node {derived}; use [{k * local_n},{(k + 1) * local_n}]")
-        timeout = env.get("CLUSTER_TIME_OUT") or "120"
-        if not timeout.isdigit():
-            raise LaunchUsageError(f"CLUSTER_TIME_OUT must be a number of seconds, got '{timeout}'")
-    else:
+        rank_size = end - start
+    if table is not None:
+        given = [n for n, v in (("--master_addr", master_addr), ("--master_port", master_port),
+                                ("--nodes", nodes), ("--node_rank", node_rank)) if v is not None]
+        if given:
+            raise LaunchUsageError(f"{given[0]} is only for the msrun form (no rank table)")
         from glm.rank_table import check_rank_table
 
-        check_rank_table(str(table_path), rank_size)
+        check_rank_table(str(table), rank_size)
+    else:
+        cluster = _msrun_cluster(start, end, rank_size, multi, nodes, node_rank, master_addr, master_port, names)
 
     out = resolve_output_dir(cfg_path, overrides)
     command = [*default_entry(), run_mode, "--config", str(cfg_path), "--use_parallel", "True",
                "--output_dir", str(out)]
     if predict_data is not None:
         command += ["--predict_data", predict_data]
-    command += list(overrides)
-    plan = LaunchPlan(cfg_path, run_mode, out, command, form="msrun" if table_path is None else "rank_table")
-    base = {k: v for k, v in env.items() if k not in _CLUSTER_VARS}
-    if table_path is not None:
+    plan = LaunchPlan(cfg_path, run_mode, out, command + list(overrides))
+    base = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARS}
+    if table is not None:
         for i in range(start, end):
             rank, device = (i, i - start) if multi else (i - start, i)
-            plan.procs.append(Proc(rank, device, {**base, "RANK_TABLE_FILE": str(table_path), "RANK_ID": str(rank),
+            plan.procs.append(Proc(rank, device, {**base, "RANK_TABLE_FILE": str(table), "RANK_ID": str(rank),
                                                   "DEVICE_ID": str(device), "RANK_SIZE": str(rank_size)},
                                    out / "log" / f"rank_{rank}" / "glm.log"))
-        plan.summary = f"rank table {table_path}, {local_n} local ranks of {rank_size}"
+        plan.summary = f"rank table {table}, {end - start} local ranks of {rank_size}"
         return plan
-    cluster = {"MS_WORKER_NUM": str(rank_size), "MS_SCHED_HOST": addr, "MS_SCHED_PORT": str(int(port_text)),
-               "MS_TOPO_TIMEOUT": timeout, "RANK_SIZE": str(rank_size)}
-    if not multi and start > 0:
+    _msrun_procs(plan, cluster, base, start, end)
+    return plan
+
+
+@dataclass
+class _Cluster:
+    """The msrun form's settings, checked."""
+
+    addr: str
+    port: int
+    nodes: int
+    node_rank: int
+    rank_size: int
+    multi: bool
+    timeout: str
+
+
+def _msrun_cluster(start: int, end: int, rank_size: int, multi: bool, nodes: int | str | None,
+                   node_rank: int | str | None, master_addr: str | None, master_port: int | str | None,
+                   names: dict) -> _Cluster:
+    """Options win over MASTER_ADDR / MASTER_PORT / NODE_RANK; all checked against the device range."""
+    env, local_n, where = os.environ, end - start, f"{names['range']} [{start},{end}]"
+    addr = master_addr or env.get("MASTER_ADDR") or "127.0.0.1"
+    if not _HOST.fullmatch(addr):
+        raise LaunchUsageError(f"master address must be an IP address or a host name, got '{addr}'")
+    port = str(master_port if master_port is not None else env.get("MASTER_PORT") or "8118")
+    if not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise LaunchUsageError(f"master port must be a number from 1 to 65535, got '{port}'")
+    if nodes is not None:
+        nodes = _uint(nodes, f"--nodes must be a positive integer, got '{nodes}'", 1)
+        if multi and rank_size != nodes * local_n:
+            raise LaunchUsageError(f"--nodes {nodes} x {local_n} ranks per node ({where}) is {nodes * local_n} "
+                                   f"ranks, but {names['rank_size']} is {rank_size}")
+        if not multi and nodes > 1:
+            rank_size, multi = nodes * local_n, True
+            if end > rank_size:
+                raise LaunchUsageError(f"{where} is beyond the {rank_size} ranks of --nodes {nodes} "
+                                       "(ranks are START..END-1)")
+    elif multi:
+        if rank_size % local_n:
+            raise LaunchUsageError(f"{names['rank_size']} {rank_size} is not a multiple of the {local_n} ranks "
+                                   f"per node of {where}")
+        nodes = rank_size // local_n
+    else:
+        nodes = 1
+    if multi and start % local_n:
+        raise LaunchUsageError(f"{where} is not one whole node: START must be a multiple of {local_n} (END-START)")
+    derived = start // local_n if multi else 0
+    given, source = (node_rank, "--node_rank") if node_rank is not None else (env.get("NODE_RANK"), "NODE_RANK")
+    if given not in (None, ""):
+        k = _uint(given, f"{source} must be a non-negative integer, got '{given}'")
+        if k >= nodes:
+            raise LaunchUsageError(f"{source} {k} must be smaller than the number of nodes ({nodes})")
+        if k != derived:
+            raise LaunchUsageError(f"{source} {k} disagrees with {where}, which holds the ranks of node {derived}; "
+                                   f"use [{k * local_n},{(k + 1) * local_n}]")
+    timeout = env.get("CLUSTER_TIME_OUT") or "120"
+    if not timeout.isdigit():
+        raise LaunchUsageError(f"CLUSTER_TIME_OUT must be a number of seconds, got '{timeout}'")
+    return _Cluster(addr, int(port), nodes, derived, rank_size, multi, timeout)
+
+
+def _msrun_procs(plan: LaunchPlan, c: _Cluster, base: dict, start: int, end: int) -> None:
+    """What msrun starts: a scheduler on node 0 and one worker per local device."""
+    local_n, out = end - start, plan.output_dir
+    cluster = {"MS_WORKER_NUM": str(c.rank_size), "MS_SCHED_HOST": c.addr, "MS_SCHED_PORT": str(c.port),
+               "MS_TOPO_TIMEOUT": c.timeout, "RANK_SIZE": str(c.rank_size)}
+    if not c.multi and start > 0:
         # Every machine numbers its devices from 0: devices START.. are reached through the visible-device
         # lists (Ascend, GPU), unless the user set them.
         visible = ",".join(str(d) for d in range(start, end))
         for var in ("ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
             base.setdefault(var, visible)
-    if derived == 0:
+    if c.node_rank == 0:
         plan.procs.append(Proc(-1, -1, {**base, **cluster, "MS_ROLE": "MS_SCHED", "RANK_ID": "0"},
                                out / "log" / "scheduler.log"))
     for k in range(local_n):
-        rank = derived * local_n + k
+        rank = c.node_rank * local_n + k
         plan.procs.append(Proc(rank, k, {**base, **cluster, "MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank),
                                          "RANK_ID": str(rank), "DEVICE_ID": str(k)},
                                out / "log" / f"rank_{rank}" / "glm.log"))
-    plan.summary = (f"msrun form, node {derived} of {nodes}, {local_n} local workers, {rank_size} ranks in all, "
-                    f"scheduler {addr}:{int(port_text)}")
-    return plan
+    plan.summary = (f"msrun form, node {c.node_rank} of {c.nodes}, {local_n} local workers, {c.rank_size} ranks "
+                    f"in all, scheduler {c.addr}:{c.port}")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -243,29 +263,50 @@ def print_plan(plan: LaunchPlan) -> None:
     click.echo(shlex.join(plan.command))
 
 
-def _alive(pgid: int) -> bool:
+def _group_alive(p: subprocess.Popen) -> bool:
+    """True while the process or anything left in its process group runs (the process is reaped first:
+    a zombie leader would keep its group looking alive)."""
+    p.poll()
     try:
-        os.killpg(pgid, 0)
-        return True
+        os.killpg(p.pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    return p.returncode is None or _has_members(p.pid)
 
 
-def stop_groups(pgids: list[int], grace: float) -> None:
-    """SIGTERM every process group, SIGKILL those still alive after `grace` seconds."""
-    for pgid in pgids:
+def _has_members(pgid: int) -> bool:
+    """Any live process in group `pgid` (after its leader exited): /proc, where there is one."""
+    try:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] != "Z" and int(fields[2]) == pgid:
+                    return True
+        return False
+    except OSError:
+        return True   # no /proc: assume alive, the SIGKILL below settles it
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process group, SIGKILL those still alive after `grace` seconds; reap the processes."""
+    for p in procs:
         try:
-            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pgids):
+    while time.monotonic() < deadline and any(_group_alive(p) for p in procs):
         time.sleep(0.1)
-    for pgid in pgids:
+    for p in procs:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        p.wait()
 
 
 def _exit_text(code: int) -> str:
@@ -294,9 +335,7 @@ def run_plan(plan: LaunchPlan, poll: float = 0.5) -> int:
     stopping = []
 
     def stop_all() -> None:
-        stop_groups([p.pid for _, p in started], grace)
-        for _, p in started:
-            p.wait()
+        stop_groups([p for _, p in started], grace)
 
     def on_signal(signum: int, frame: object) -> None:
         if stopping:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import click
 
+from glm.cli import Command
 from glm.launch import LaunchUsageError, default_entry, launch, plan_launch, resolve_output_dir
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.\-]*=")
@@ -61,8 +61,8 @@ Usage: bash scripts/run_standalone.sh CONFIG_PATH DEVICE_ID RUN_STATUS [key=valu
   RUN_STATUS   train | finetune | eval | predict | export
   key=value    config overrides (dotted keys)
 Runs `glm RUN_STATUS --config CONFIG_PATH --use_parallel False --device_id DEVICE_ID --output_dir OUTPUT_DIR`
-in the foreground from the current directory, with DEVICE_ID exported; the output is also written to
-OUTPUT_DIR/log/rank_0/glm.log. The exit code is the job's.
+in the foreground from the current directory, with DEVICE_ID exported; the run logs to OUTPUT_DIR/log/glm.log
+(OUTPUT_DIR: the config's output_dir after the overrides). The exit code is the job's.
 Example: bash scripts/run_standalone.sh configs/glm2/run_glm2_6b_lora.yaml 0 finetune
 Environment: PYTHON (interpreter), GLM_LAUNCH_DRY_RUN=1 (print the environment and command, run nothing)
 """
@@ -133,38 +133,24 @@ def run_standalone(argv: list[str]) -> int:
     if run_mode not in ("train", "finetune", "eval", "predict", "export"):
         raise LaunchUsageError(f"RUN_STATUS must be train, finetune, eval, predict or export, got '{run_mode}'")
     out = resolve_output_dir(cfg_path, overrides)
-    log = out / "log" / "rank_0" / "glm.log"
     cmd = [*default_entry(), run_mode, "--config", str(cfg_path), "--use_parallel", "False",
            "--device_id", device_id, "--output_dir", str(out), *overrides]
     if os.environ.get("GLM_LAUNCH_DRY_RUN") == "1":
-        print(f"[dry run] standalone, log {log}")
+        print(f"[dry run] standalone, log {out / 'log' / 'glm.log'}")
         print(f"DEVICE_ID={device_id} {shlex.join(cmd)}")
         return 0
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"glm-launcher: {run_mode} on device {device_id}, log {log}", file=sys.stderr)
-    with open(log, "w", encoding="utf-8") as f:   # the terminal's lines, also in the log (tee)
-        p = subprocess.Popen(cmd, env={**os.environ, "DEVICE_ID": device_id}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, stdin=sys.stdin if sys.stdin.isatty() else subprocess.DEVNULL,
-                             text=True, errors="replace", bufsize=1)
-        try:
-            for line in p.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                f.write(line)
-                f.flush()
-        except KeyboardInterrupt:
-            p.wait()
-            raise
-        rc = p.wait()
-    if rc != 0:
-        print(f"error: {run_mode} exited with code {rc}; see {log}", file=sys.stderr)
-    return rc
+    print(f"glm-launcher: {run_mode} on device {device_id}, log {out / 'log' / 'glm.log'}", file=sys.stderr,
+          flush=True)
+    # The job replaces this process: the terminal, Ctrl-C and the exit code are its own, and it writes its
+    # own log (output_dir/log/glm.log, like any single-process run).
+    os.execve(cmd[0], cmd, {**os.environ, "DEVICE_ID": device_id})
 
 
 SCRIPTS = {"run_distribute": (run_distribute, DISTRIBUTE_USAGE), "run_standalone": (run_standalone, STANDALONE_USAGE)}
 
 
-@click.command("glm.launch_scripts", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.command("glm.launch_scripts", cls=Command,
+               context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("script", type=click.Choice(list(SCRIPTS)))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def scripts_command(script: str, args: tuple[str, ...]) -> int:
@@ -181,9 +167,7 @@ def scripts_command(script: str, args: tuple[str, ...]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from glm.cli import run_cli
-
-    run_cli(scripts_command, argv, prog_name="python -m glm.launch_scripts")
+    scripts_command.main(argv, prog_name="python -m glm.launch_scripts")
 
 
 if __name__ == "__main__":

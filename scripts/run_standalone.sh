@@ -3,7 +3,7 @@
 #
 #   bash scripts/run_standalone.sh CONFIG_PATH DEVICE_ID RUN_STATUS [key=value ...]
 #
-# = glm RUN_STATUS --config CONFIG_PATH --device_id DEVICE_ID, logged to OUTPUT_DIR/log/rank_0/glm.log;
+# = glm RUN_STATUS --config CONFIG_PATH --device_id DEVICE_ID (its log: OUTPUT_DIR/log/glm.log);
 # `bash scripts/run_standalone.sh --help` for the details.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -123,12 +123,9 @@ def test_finetune_without_a_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> str:
-    """A rank-8 qkv LoRA adapter (one step on random base weights)."""
-    out = tmp_path_factory.mktemp("lora")
-    run_glm("--config", TINY2_LORA, "--run_mode", "finetune", "--load_checkpoint", "random", "--max_steps", "1",
-            "--output_dir", str(out), "lr_schedule.warmup_steps=0")
-    return str(next((out / "checkpoint_network" / "rank_0").glob("*-adapter.ckpt")))
+def adapter(tiny_lora) -> str:
+    """A rank-8 qkv LoRA adapter (the shared session run)."""
+    return str(tiny_lora.weights)
 
 
 @pytest.mark.parametrize("config, overrides, expected", [

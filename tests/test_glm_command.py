@@ -124,6 +124,9 @@ def test_validate_the_tiny_config(glm, tmp_path):
                    f"(relative paths are read from {REPO})"
     assert "load_checkpoint" in one_error(glm("validate", TINY2, f"load_checkpoint={tmp_path}/w.ckpt"))
     assert "config file not found" in one_error(glm("validate", str(tmp_path / "missing.yaml")))
+    (tmp_path / "tok.model").write_text("not a sentencepiece model")
+    assert "is not a sentencepiece model" in one_error(
+        glm("validate", TINY2, f"train_dataset.tokenizer.vocab_file={tmp_path}/tok.model"))
 
 
 # ----------------------------------------------------------------------------------------- rank tables
@@ -211,8 +214,15 @@ def test_old_tool_paths_still_work(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"error: rank table {tmp_path / 'missing.json'}: no such file"
 
 
-def test_plot_command_exists_and_fails_cleanly_on_a_missing_run(glm, tmp_path):
-    if not Path(REPO / "glm" / "runlog.py").exists():
+def test_plot_a_run_folder(glm, tmp_path):
+    if not (REPO / "glm" / "runlog.py").exists():
         pytest.skip("glm/runlog.py (plots) has not landed yet")
-    rc, _, err = glm("plot", tmp_path / "nothing")
-    assert rc == 2 and err.startswith("error: ")
+    rows = [{"run_id": run, "step": step, "loss": 7.5 / step, "lr": 1e-4, "grad_norm": 1.0, "tokens_per_s": 100.0}
+            for run in ("a", "b") for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = glm("plot", tmp_path)
+    assert rc == 0, err
+    written = [Path(line.removeprefix("wrote ")) for line in out.splitlines()]
+    assert tmp_path / "plots" / "loss.png" in written
+    assert all(p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    assert "no such run folder" in one_error(glm("plot", tmp_path / "nothing"))

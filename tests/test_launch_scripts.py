@@ -60,6 +60,20 @@ def job(tmp_path: Path):
             return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env={**self.env, **extra},
                                   capture_output=True, text=True, timeout=timeout)
 
+        def call(self, script: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+            """The script's work in-process (no bash, no new interpreter): for the argument checks."""
+            from click.testing import CliRunner
+
+            from glm.launch_scripts import scripts_command
+
+            old = os.getcwd()
+            os.chdir(tmp_path)
+            try:
+                r = CliRunner().invoke(scripts_command, [script.stem, *args], env={**self.env, **extra})
+            finally:
+                os.chdir(old)
+            return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
         def log(self, rank: int) -> str:
             return (self.out / "log" / f"rank_{rank}" / "glm.log").read_text()
 
@@ -104,7 +118,7 @@ def fake_env(log: str) -> dict[str, str]:
     (["cfg.yaml", "0", "serve"], "RUN_STATUS must be"),
 ])
 def test_standalone_bad_arguments(job, args: list[str], message: str) -> None:
-    r = job.run(STANDALONE, *args)
+    r = job.call(STANDALONE, *args)
     assert r.returncode != 0
     assert message in r.stderr and "Usage: bash scripts/run_standalone.sh" in r.stderr
     assert not job.out.exists()
@@ -126,7 +140,7 @@ def test_standalone_bad_arguments(job, args: list[str], message: str) -> None:
     (["rt.json", "cfg.yaml", "[0,2]", "train", "2", "data"], "only accepted with RUN_STATUS predict"),
 ])
 def test_distribute_bad_arguments(job, args: list[str], message: str) -> None:
-    r = job.run(DISTRIBUTE, *args)
+    r = job.call(DISTRIBUTE, *args)
     assert r.returncode != 0
     assert message in r.stderr and "Usage: bash scripts/run_distribute.sh" in r.stderr
     assert not job.out.exists()
@@ -134,10 +148,10 @@ def test_distribute_bad_arguments(job, args: list[str], message: str) -> None:
 
 def test_distribute_invalid_rank_table(job) -> None:
     write_rank_table(job.cwd / "rt4.json", 4)
-    r = job.run(DISTRIBUTE, "rt4.json", "cfg.yaml", "[0,2]", "train")
+    r = job.call(DISTRIBUTE, "rt4.json", "cfg.yaml", "[0,2]", "train")
     assert r.returncode != 0 and "it has 4 ranks but RANK_SIZE is 2" in r.stderr
     (job.cwd / "bad.json").write_text('{"version": "1.0"}')
-    r = job.run(DISTRIBUTE, "bad.json", "cfg.yaml", "[0,2]", "train")
+    r = job.call(DISTRIBUTE, "bad.json", "cfg.yaml", "[0,2]", "train")
     assert r.returncode != 0 and "bad.json" in r.stderr and "status" in r.stderr
     assert not pids_matching(job.marker)
 
@@ -172,16 +186,18 @@ def test_dry_runs(job) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def test_standalone_runs_and_logs(job) -> None:
+    # The job runs in the foreground (it writes its own log, output_dir/log/glm.log, like any single run).
     r = job.run(STANDALONE, "cfg.yaml", "1", "eval")
     assert r.returncode == 0, r.stderr
-    env = fake_env(job.log(0))
+    assert f"log {job.out}/log/glm.log" in r.stderr
+    env = fake_env(r.stdout)
     assert env["DEVICE_ID"] == "1" and env["RANK_ID"] == ""
     assert env["ARGV"] == f"eval --config {job.cwd}/cfg.yaml --use_parallel False --device_id 1 --output_dir {job.out}"
     r = job.run(STANDALONE, "cfg.yaml", "0", "train", FAKE_FAIL_RANK="", FAKE_FAIL_CODE="4")
     assert r.returncode == 0
     r = job.run(STANDALONE, "cfg.yaml", "0", "train", RANK_ID="0", FAKE_FAIL_RANK="0", FAKE_FAIL_CODE="4",
                 FAKE_FAIL_AFTER="0")
-    assert r.returncode == 4 and "see " + str(job.out / "log/rank_0/glm.log") in r.stderr
+    assert r.returncode == 4 and "FAKE_WORKER rank 0 failing" in r.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,17 +376,60 @@ def test_msrun_options_dry_run(job) -> None:
     ([], {"CLUSTER_TIME_OUT": "soon"}, "CLUSTER_TIME_OUT must be a number of seconds"),
 ])
 def test_msrun_bad_options(job, args: list[str], env: dict, message: str) -> None:
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", *args, GLM_LAUNCH_DRY_RUN="1", **env)
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "train", *args, GLM_LAUNCH_DRY_RUN="1", **env)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Usage: bash scripts/run_distribute.sh" in r.stderr
     assert "[dry run]" not in r.stdout and not job.out.exists()
 
 
 def test_msrun_bad_range_for_nodes(job) -> None:
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[1,3]", "train", "4", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[1,3]", "train", "4", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "DEVICE_RANGE [1,3] is not one whole node: START must be a multiple of 2" in r.stderr
-    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[4,6]", "train", "--nodes", "2", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "none", "cfg.yaml", "[4,6]", "train", "--nodes", "2", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "DEVICE_RANGE [4,6] is beyond the 4 ranks of --nodes 2" in r.stderr
     # msrun options make no sense with a rank table
-    r = job.run(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
+    r = job.call(DISTRIBUTE, "rt.json", "cfg.yaml", "[0,2]", "train", "--master_port", "9000", GLM_LAUNCH_DRY_RUN="1")
     assert r.returncode == 2 and "--master_port is only for the msrun form" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# key=value overrides, output_dir from the resolved config, `python -m glm.launch`
+# ----------------------------------------------------------------------------------------------
+
+def test_overrides_reach_every_rank_and_move_the_logs(job) -> None:
+    # rank-table form, msrun form and standalone: the override is on every rank's command line, and an
+    # overridden output_dir is where the logs go (the config is resolved, not grepped).
+    moved = job.cwd / "moved"
+    for form in ("rt.json", "none"):
+        r = job.run(DISTRIBUTE, form, "cfg.yaml", "[0,2]", "finetune", "runner_config.epochs=3",
+                    f"output_dir={moved}", FAKE_SLEEP="0.5")
+        assert r.returncode == 0, r.stderr
+        for rank in (0, 1):
+            argv = fake_env((moved / "log" / f"rank_{rank}" / "glm.log").read_text())["ARGV"]
+            assert argv == (f"finetune --config {job.cwd}/cfg.yaml --use_parallel True --output_dir {moved} "
+                            f"runner_config.epochs=3 output_dir={moved}")
+    r = job.run(STANDALONE, "cfg.yaml", "0", "eval", "runner_config.batch_size=2")
+    assert r.returncode == 0, r.stderr
+    assert fake_env(r.stdout)["ARGV"].endswith("--output_dir " + str(job.out) + " runner_config.batch_size=2")
+    # predict data and overrides together; a bad override is the config's one-line error, before any launch
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "predict", "a prompt", "seed=3", GLM_LAUNCH_DRY_RUN="1")
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("--predict_data 'a prompt' seed=3"), r.stderr
+    r = job.run(DISTRIBUTE, "none", "cfg.yaml", "[0,2]", "finetune", "runner_config.epoch=3")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "runner_config.epoch" in r.stderr
+    assert "Usage:" not in r.stderr
+
+
+def test_python_m_glm_launch(job) -> None:
+    cmd = [sys.executable, "-m", "glm.launch", "--config", "cfg.yaml", "--devices", "[0,2]", "--run_mode", "eval",
+           "--rank_table", "rt.json", "seed=7"]
+    env = {**job.env, "PYTHONPATH": f"{REPO}{os.pathsep}{job.env.get('PYTHONPATH', '')}"}
+    r = subprocess.run(cmd, cwd=job.cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        env_ = fake_env(job.log(rank))
+        assert (env_["RANK_ID"], env_["DEVICE_ID"], env_["RANK_SIZE"]) == (str(rank), str(rank), "2")
+        assert env_["ARGV"].endswith(f"--output_dir {job.out} seed=7")
+    r = subprocess.run([*cmd[:6], "[0,3)", *cmd[7:]], cwd=job.cwd, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: --devices must look like [0,8] (two non-negative integers), " \
+                                             "got '[0,3)'\n"

@@ -288,7 +288,8 @@ def test_full_checkpoint_as_adapter_half_is_refused(tiny_weights):
         load_checkpoints(model, f"{tiny_weights / 'base.ckpt'},{tiny_weights / 'full.ckpt'}", lora, required=True,
                          run_mode="finetune")
     assert str(e.value) == (f"load_checkpoint {tiny_weights / 'full.ckpt'}: the adapter half of 'base,adapter' holds "
-                            "no LoRA weights (a plain checkpoint); give the *-adapter.ckpt a LoRA run saved")
+                            "no adapter weights (a plain checkpoint); give the *-adapter.ckpt a LoRA or P-Tuning "
+                            "run saved")
 
 
 def test_lora_notice_only_when_adapter_weights_are_missing(tiny_weights, capsys):
@@ -301,13 +302,13 @@ def test_lora_notice_only_when_adapter_weights_are_missing(tiny_weights, capsys)
     assert capsys.readouterr().err == ""
     load_checkpoints(model, base, lora, required=True, run_mode="eval")
     err = capsys.readouterr().err
-    assert err.startswith("warning: no LoRA adapter loaded: --run_mode eval runs the base model")
+    assert err.startswith("warning: no adapter loaded: --run_mode eval runs the adapters as initialised")
     lora_state = {n: p.asnumpy() for n, p in model.parameters_and_names() if ".lora_" in n}
     half = dict(list(lora_state.items())[: len(lora_state) // 2])
     write_ms_checkpoint(half, tiny_weights / "half_adapter.ckpt")
     load_checkpoints(model, f"{base},{tiny_weights / 'half_adapter.ckpt'}", lora, required=True, run_mode="eval")
     err = capsys.readouterr().err
-    assert f"the adapter lacks {len(lora_state) - len(half)} of the model's {len(lora_state)} LoRA parameter" in err
+    assert f"the adapter lacks {len(lora_state) - len(half)} of the model's {len(lora_state)} adapter parameter" in err
 
 
 def test_predict_data_naming_a_missing_file_is_refused(tmp_path):

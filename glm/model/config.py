@@ -52,6 +52,8 @@ class GLMConfig:
     fp32_residual_connection: bool = False
     bias_dropout_fusion: bool = True
     quantization_bit: int = 0
+    # P-Tuning v2 is configured in pet_config (pet_type: ptuning2), as MindFormers does; these two
+    # model-level keys may only repeat its values (see `prefix_len`).
     pre_seq_len: Optional[int] = None
     prefix_projection: bool = False
     checkpoint_name_or_path: str = ""
@@ -72,6 +74,19 @@ class GLMConfig:
     @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def ptuning(self):
+        """The P-Tuning v2 settings (glm.model.ptuning.PTuningSettings), or None."""
+        from glm.model.ptuning import ptuning_settings
+
+        return ptuning_settings(self.pet_config)
+
+    @property
+    def prefix_len(self) -> int:
+        """Key/value prefix rows per layer (P-Tuning v2's pre_seq_len), 0 without P-Tuning."""
+        p = self.ptuning
+        return p.pre_seq_len if p else 0
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model.model_config") -> GLMConfig:
@@ -127,9 +142,27 @@ class GLMConfig:
             raise GLMError(f"{where}.rmsnorm: only RMSNorm (True) is supported by ChatGLM2/3")
         if self.apply_residual_connection_post_layernorm:
             raise GLMError(f"{where}.apply_residual_connection_post_layernorm: ChatGLM2/3 use False")
+        self._check_prefix_keys(where)
         if not 0 <= self.pad_token_id < self.padded_vocab_size:
             raise GLMError(f"{where}.pad_token_id: {self.pad_token_id} is outside the vocabulary "
                            f"(padded_vocab_size {self.padded_vocab_size})")
+
+    def _check_prefix_keys(self, where: str) -> None:
+        """model_config.pre_seq_len / prefix_projection alone would be silently ignored: they must go with
+        pet_config.pet_type ptuning2 (which MindFormers reads) and agree with it."""
+        p = self.ptuning
+        if p is None:
+            if self.pre_seq_len is not None or self.prefix_projection:
+                key = "pre_seq_len" if self.pre_seq_len is not None else "prefix_projection"
+                raise GLMError(f"{where}.{key}: P-Tuning v2 is set in {where}.pet_config: {{pet_type: ptuning2, "
+                               f"pre_seq_len: N, prefix_projection: ...}}; without it {key} would be ignored")
+            return
+        if self.pre_seq_len is not None and self.pre_seq_len != p.pre_seq_len:
+            raise GLMError(f"{where}.pre_seq_len: {self.pre_seq_len} but {where}.pet_config.pre_seq_len is "
+                           f"{p.pre_seq_len}; make them equal (or drop the model-level key)")
+        if self.prefix_projection and not p.prefix_projection:
+            raise GLMError(f"{where}.prefix_projection: True but {where}.pet_config.prefix_projection is False; "
+                           "P-Tuning v2 reads pet_config (set it there)")
 
     @property
     def eos_token_ids(self) -> list:
