@@ -210,12 +210,13 @@ FINGERPRINT_FIELDS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hid
                       "pre_seq_len", "prefix_projection")
 
 
-def run_fingerprint(model_config, lora: Optional[dict] = None, tokenizer=None) -> dict:
-    """What a checkpoint's run was: the model shape, the adapter settings and the tokenizer, plus a short
-    hash of them. Stored in every checkpoint; a resume whose config gives another fingerprint is refused."""
+def run_fingerprint(model_config, pet: Optional[dict] = None, tokenizer=None) -> dict:
+    """What a checkpoint's run was: the model shape, the adapter settings (LoRA / P-Tuning v2, dropout aside)
+    and the tokenizer, plus a short hash of them. Stored in every checkpoint; a resume whose config gives
+    another fingerprint is refused."""
     fields = {k: getattr(model_config, k, None) for k in FINGERPRINT_FIELDS}
-    if lora:
-        fields["lora"] = {k: lora.get(k) for k in ("pet_type", "lora_rank", "lora_alpha", "target_modules")}
+    if pet:
+        fields["pet"] = {k: v for k, v in sorted(pet.items()) if "dropout" not in k}
     if tokenizer is not None:
         fields["tokenizer"] = type(tokenizer).__name__
         fields["vocab_size"] = int(tokenizer.vocab_size)
