@@ -138,9 +138,10 @@ def validate_command(config_path: str, run_mode: str | None, overrides: tuple[st
     Every key and value is checked, the files the run mode reads (datasets, tokenizer, checkpoints) must
     exist and the tokenizer must load. Exit 0 and one `ok` line, or one `error:` line and exit 2.
     """
-    from glm.cli import resolve_run_config
+    from glm.cli import print_notices, resolve_run_config
 
     cfg = resolve_run_config(config_path, run_mode, {}, overrides)
+    print_notices(cfg)
     checked = _check_run_files(cfg)
     click.echo(f"{config_path}: ok (run_mode {cfg['run_mode']}, output_dir {cfg.get('output_dir') or './output'}"
                f"{', ' + str(len(checked)) + ' file(s) found' if checked else ''})")

@@ -9,6 +9,7 @@ eval and finetune share ./output by default, and the training run's data_stats.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -21,30 +22,31 @@ from tqdm import tqdm
 from glm import GLMError
 from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
 from glm.chat_format import parse_reply, reply_text
-from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
 from glm.io import ensure_dir, write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
+from glm.settings import RunConfig, as_run
 
 STATS_FILE = "eval_data_stats.json"
 
 
-def run_eval(cfg: dict) -> dict:
+def run_eval(cfg: RunConfig | dict) -> dict:
+    cfg = as_run(cfg)
     proc = init_process(cfg)
-    section = dataset_section(cfg, "eval_dataset")
+    section = dataclasses.asdict(cfg.eval_data)
     phase = (section.get("data_loader") or {}).get("phase", "eval")
-    metric_type = (cfg.get("metric") or {}).get("type", "ADGENMetric")
-    out = ensure_dir(cfg.get("output_dir") or "./output")
+    metric_type = cfg.metric.type
+    out = ensure_dir(cfg.output_dir or "./output")
     if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
         (out / "metrics.json").unlink(missing_ok=True)
-    batch = int((cfg.get("runner_config") or {}).get("batch_size", 1))
+    batch = cfg.runner_config.batch_size
     if metric_type == "PerplexityMetric" or phase == "train":
         result = _perplexity(cfg, section, batch, out, proc.is_main)
     else:
         result = _adgen(cfg, section, batch, out, proc.is_main)
-    result["checkpoint"] = cfg.get("load_checkpoint")
+    result["checkpoint"] = cfg.load_checkpoint
     if proc.is_main:
         write_json_atomic(result, out / "metrics.json")
     print(json.dumps({k: v for k, v in result.items() if k != "checkpoint"}, ensure_ascii=False), flush=True)
@@ -56,14 +58,14 @@ def _limit(section: dict, n: int) -> int:
     return n if limit in (None, -1, 0) else min(n, int(limit))
 
 
-def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     tok = data.tokenizer
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
     check_vocab(tok, model.config, "eval_dataset.tokenizer")
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval")
     gen_cfg = generation_config(cfg, tok)
     generator = Generator(model, use_cache=True)
     n = _limit(section, len(data.records))
@@ -103,7 +105,7 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = 
     return result
 
 
-def _perplexity(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _perplexity(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
     section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
@@ -112,7 +114,7 @@ def _perplexity(cfg: dict, section: dict, batch: int, out: Path, write_stats: bo
     check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval")
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval")
     model.set_train(False)
     metric = PerplexityMetric()
     n = _limit(section, len(data.records))

@@ -15,7 +15,7 @@ Devices START..END-1 of this machine ([START,END], END excluded). On one machine
 with RANK_SIZE (or --nodes) the job spans machines and rank = device index over all machines. Every rank
 runs `glm RUN_MODE --config CFG --use_parallel True --output_dir OUT [key=value ...]` from the current
 directory, where OUT is the resolved config's output_dir (overrides included); rank k logs to
-OUT/log/rank_k/glm.log. If a rank fails, every other process is stopped (SIGTERM, then SIGKILL after
+OUT/log/rank_k/glm.log (appended, each launch starting with a `# glm-launcher` header). If a rank fails, every other process is stopped (SIGTERM, then SIGKILL after
 GLM_KILL_TIMEOUT seconds) and the launcher exits 1 naming the failed rank's log.
 """
 
@@ -330,7 +330,10 @@ def show_log_tail(log: Path, lines: int = 20) -> None:
 
 def run_plan(plan: LaunchPlan, poll: float = 0.5) -> int:
     """Start every process of `plan` and supervise them; returns the launcher's exit code."""
-    grace = float(os.environ.get("GLM_KILL_TIMEOUT", "5"))
+    try:
+        grace = float(os.environ.get("GLM_KILL_TIMEOUT") or "5")
+    except ValueError:
+        raise GLMError(f"GLM_KILL_TIMEOUT must be a number of seconds, got {os.environ['GLM_KILL_TIMEOUT']!r}") from None
     started: list[tuple[Proc, subprocess.Popen]] = []
     stopping = []
 
@@ -349,8 +352,10 @@ def run_plan(plan: LaunchPlan, poll: float = 0.5) -> int:
     try:
         for proc in plan.procs:
             proc.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(proc.log, "w", encoding="utf-8") as f:
-                f.write(f"# glm-launcher {_name(proc)}: {describe(proc)}\n# {shlex.join(plan.command)}\n")
+            # Appended: a relaunch (e.g. --resume_training) keeps the earlier runs' lines.
+            with open(proc.log, "a", encoding="utf-8") as f:
+                f.write(f"# glm-launcher {time.strftime('%Y-%m-%d %H:%M:%S')} {_name(proc)}: {describe(proc)}\n"
+                        f"# {shlex.join(plan.command)}\n")
                 f.flush()
                 # A session of its own: stopping a rank stops its children (data workers) too.
                 p = subprocess.Popen(plan.command, env=proc.env, stdout=f, stderr=subprocess.STDOUT,

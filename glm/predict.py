@@ -24,6 +24,7 @@ from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
 from glm.io import write_jsonl_atomic
+from glm.settings import RunConfig, as_run
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
 
@@ -87,20 +88,22 @@ def _json_prompt(line: str, path: Path, no: int) -> str:
     raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
-def _session(cfg: dict, rows: int, run_mode: str):
+def _session(cfg: RunConfig | dict, rows: int, run_mode: str):
+    cfg = as_run(cfg)
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
-    check_vocab(tok, model.config, tokenizer_section(cfg)["_where"])
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode)
+    check_vocab(tok, model.config, tokenizer_section(cfg)[1])
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode)
     return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
 
 
-def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
+def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> list[dict]:
     # A ChatGLM3 conversations file: each line answered from its turns before the last assistant turn.
     chats = read_chat_prompts(items[0]) if len(items) == 1 and _is_file(items[0]) else None
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
-    rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
+    run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
+    rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
     tok, generator, gen = _session(cfg, rows, "predict")
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
@@ -112,7 +115,7 @@ def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
         r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
-    path = write_jsonl_atomic(results, Path(cfg.get("output_dir") or "./output") / "predict_results.jsonl")
+    path = write_jsonl_atomic(results, Path(run.output_dir or "./output") / "predict_results.jsonl")
     print(f"results: {path}", file=sys.stderr)
     return results
 
@@ -138,7 +141,7 @@ class _Printer:
         self.shown = text
 
 
-def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def run_chat(cfg: RunConfig | dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
     tok, generator, gen = _session(cfg, 1, "chat")
     history: list[tuple[str, str]] = []
     stdout.write("chat: type a message; /reset clears the history, /exit quits\n")

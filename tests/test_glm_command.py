@@ -114,7 +114,10 @@ def test_usage_errors_are_one_line(glm):
 def test_validate_the_tiny_config(glm, tmp_path):
     rc, out, err = glm("validate", TINY2)
     assert rc == 0, err
-    assert out.strip() == f"{TINY2}: ok (run_mode finetune, output_dir ./output, 2 file(s) found)"
+    import yaml
+
+    output_dir = yaml.safe_load((REPO / TINY2).read_text()).get("output_dir") or "./output"
+    assert out.strip() == f"{TINY2}: ok (run_mode finetune, output_dir {output_dir}, 2 file(s) found)"
     rc, out, _ = glm("validate", TINY2, "--run_mode", "eval", "output_dir=/tmp/elsewhere")
     assert rc == 0 and "run_mode eval, output_dir /tmp/elsewhere" in out
     line = one_error(glm("validate", TINY2, "runner_config.epoch=3"))
@@ -226,3 +229,16 @@ def test_plot_a_run_folder(glm, tmp_path):
     assert tmp_path / "plots" / "loss.png" in written
     assert all(p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert "no such run folder" in one_error(glm("plot", tmp_path / "nothing"))
+
+
+def test_launcher_and_validate_never_import_mindspore():
+    """The launcher reads the config (output_dir) and validate checks it: neither may pay MindSpore's import
+    (seconds per launch), which reading a P-Tuning v2 config once did."""
+    code = ("import sys\nfrom glm.launch import plan_launch\nfrom glm.cli import call\n"
+            f"plan_launch({TINY2!r}, '[0,2]', 'finetune', overrides=('runner_config.epochs=2',))\n"
+            f"assert call(['validate', {TINY2!r}]) == 0\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mindspore', 'torch', 'transformers'))\n"
+            "assert not heavy, heavy[:5]\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -98,7 +98,7 @@ def free_port() -> int:
 
 
 def fake_env(log: str) -> dict[str, str]:
-    line = next(x for x in log.splitlines() if x.startswith("FAKE_WORKER MS_ROLE"))
+    line = [x for x in log.splitlines() if x.startswith("FAKE_WORKER MS_ROLE")][-1]   # the latest launch
     fields, _, argv = line[len("FAKE_WORKER "):].partition(" ARGV=")
     env = dict(f.split("=", 1) for f in fields.split())
     env["ARGV"] = argv
@@ -408,6 +408,9 @@ def test_overrides_reach_every_rank_and_move_the_logs(job) -> None:
             argv = fake_env((moved / "log" / f"rank_{rank}" / "glm.log").read_text())["ARGV"]
             assert argv == (f"finetune --config {job.cwd}/cfg.yaml --use_parallel True --output_dir {moved} "
                             f"runner_config.epochs=3 output_dir={moved}")
+    # The second launch into the same folder appended to the rank logs: both launches are there.
+    log = (moved / "log" / "rank_1" / "glm.log").read_text()
+    assert log.count("# glm-launcher ") == 2 and log.count("FAKE_WORKER rank 1 done") == 2
     r = job.run(STANDALONE, "cfg.yaml", "0", "eval", "runner_config.batch_size=2")
     assert r.returncode == 0, r.stderr
     assert fake_env(r.stdout)["ARGV"].endswith("--output_dir " + str(job.out) + " runner_config.batch_size=2")

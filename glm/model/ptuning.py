@@ -18,18 +18,13 @@ load unchanged; THUDM's `transformer.prefix_encoder.{embedding,trans.0,trans.2}`
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Optional
-
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from glm import GLMError
+from glm.model.config import DEFAULTS, PET_TYPE, PTuningSettings, ptuning_settings  # noqa: F401
 from glm.model.layers import Linear
 from glm.runtime import ms
 
-PET_TYPE = "ptuning2"
 TABLE = "prefix_encoder.mindpet_delta_ptuning2_embedding.embedding_table"
 # MindFormers' non-trainable `arange(pre_seq_len)` index buffer: derived, never loaded.
 INDEX_BUFFER = "prefix_encoder.mindpet_delta_ptuning2_prefix"
@@ -41,39 +36,6 @@ THUDM_NAMES = {
     "transformer.prefix_encoder.trans.2.weight": "prefix_encoder.mindpet_delta_ptuning2_dense_out.weight",
     "transformer.prefix_encoder.trans.2.bias": "prefix_encoder.mindpet_delta_ptuning2_dense_out.bias",
 }
-
-
-@dataclass(frozen=True)
-class PTuningSettings:
-    """`model.model_config.pet_config` with `pet_type: ptuning2`; the defaults are MindFormers' Ptuning2Config."""
-
-    pre_seq_len: int = 128          # prefix rows per layer (key/value cache slots before the prompt)
-    prefix_projection: bool = False  # reparameterise the prefix through a 2-layer tanh MLP
-    projection_dim: int = 128       # that MLP's hidden width (used only with prefix_projection)
-    dropout_prob: float = 0.01      # dropout on the prefix keys/values, training only
-
-    def to_dict(self) -> dict:
-        return {"pet_type": PET_TYPE, **dataclasses.asdict(self)}
-
-
-DEFAULTS = PTuningSettings()
-
-
-def ptuning_settings(pet_config: Optional[dict], where: str = "model.model_config.pet_config"
-                     ) -> Optional[PTuningSettings]:
-    """The P-Tuning v2 settings of a pet_config mapping, or None when it is absent or another method."""
-    if not pet_config or pet_config.get("pet_type") != PET_TYPE:
-        return None
-    known = {f.name for f in dataclasses.fields(PTuningSettings)}
-    values = {k: v for k, v in pet_config.items() if k in known and v is not None}
-    s = PTuningSettings(**values)
-    for key in ("pre_seq_len", "projection_dim"):
-        v = getattr(s, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise GLMError(f"{where}.{key}: expected a positive integer, got {v!r}")
-    if not 0.0 <= float(s.dropout_prob) < 1.0:
-        raise GLMError(f"{where}.dropout_prob: expected a probability in [0, 1), got {s.dropout_prob!r}")
-    return s
 
 
 class _Table(nn.Cell):
