@@ -25,6 +25,7 @@ from glm.build import (
     build_model,
     build_tokenizer,
     check_device,
+    check_vocab,
     checkpoint_paths,
     load_checkpoints,
     tokenizer_section,
@@ -83,6 +84,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
     if name is None:
         if run_mode in ("predict", "chat"):
             tok = build_tokenizer(run)
+            check_vocab(tok, model.config, tokenizer_section(run)[1])
             print(f"tokenizer: {tokenizer_section(run)[1]} ({tok.vocab_size} ids)")
         print(f"\n{run_mode} reads no dataset; dry run OK")
         return
@@ -95,6 +97,7 @@ def _show_sample(run: RunConfig, name: str, mcfg) -> None:
     data = build_dataset(dataclasses.asdict(run.dataset(name)), batch_size=run.runner_config.batch_size,
                          seq_length=mcfg.seq_length if name == "train_dataset" else None, where=name)
     tok = data.tokenizer
+    check_vocab(tok, mcfg, f"{name}.tokenizer")
     ids, labels = data.samples["input_ids"][0], data.samples["labels"][0]
     real = ids[ids != mcfg.pad_token_id] if name == "train_dataset" else ids
     print(f"\nsample 0 of {len(data.records)} ({name}):")
