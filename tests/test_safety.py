@@ -248,10 +248,11 @@ def cli_error(capsys, *args) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("mode", ["finetune", "eval", "predict"])
+@pytest.mark.parametrize("mode", ["finetune", "eval", "predict", "finetune --dry_run", "predict --dry_run"])
 def test_tokenizer_larger_than_padded_vocab_is_refused_before_any_graph(mode, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    extra = ["--predict_data", "hi"] if mode == "predict" else []
+    mode, *extra = mode.split()
+    extra += ["--predict_data", "hi"] if mode == "predict" else []
     err = cli_error(capsys, "--config", TINY2, "--run_mode", mode, "--load_checkpoint", "random",
                     "--output_dir", tmp_path, "model.model_config.padded_vocab_size=100", *extra)
     assert "ids but model.model_config.padded_vocab_size is 100; use the model's own tokenizer" in err
