@@ -15,10 +15,9 @@ from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
 from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
+from glm.run_inputs import RANDOM_INIT, checkpoint_paths, tokenizer_section  # noqa: F401 (importable from here)
 from glm.runtime import ms, setup_context
-from glm.settings import RunConfig, TokenizerConfig, as_run
-
-RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+from glm.settings import RunConfig, as_run
 
 
 @dataclass
@@ -88,14 +87,6 @@ def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
         raise GLMError(f"{where}: the tokenizer ({tokenizer.vocab_file}) has {tokenizer.vocab_size} ids but "
                        f"model.model_config.padded_vocab_size is {mcfg.padded_vocab_size}; use the model's own "
                        "tokenizer or a padded_vocab_size of at least the tokenizer's size")
-
-
-def checkpoint_paths(value) -> list[str]:
-    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
-    if value in (None, "", False):
-        return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(p).strip() for p in parts if str(p).strip()]
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
@@ -196,21 +187,6 @@ def peak_rss_mb() -> float:
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
-
-
-def tokenizer_section(cfg: RunConfig | dict) -> tuple[TokenizerConfig, str]:
-    """The tokenizer block to use outside training and where it is: processor.tokenizer if it names a
-    vocab file, else the eval dataset's, else the train dataset's."""
-    run = as_run(cfg)
-    candidates = [(run.processor.tokenizer, "processor.tokenizer")]
-    for name in ("eval_dataset", "train_dataset"):
-        data = getattr(run, name)
-        if data is not None:
-            candidates.append((data.tokenizer, f"{name}.tokenizer"))
-    for section, where in candidates:
-        if section.vocab_file:
-            return section, where
-    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
 
 
 def build_tokenizer(cfg: RunConfig | dict):

@@ -20,18 +20,10 @@ import dataclasses
 import numpy as np
 import yaml
 
-from glm.build import (
-    RANDOM_INIT,
-    build_model,
-    build_tokenizer,
-    check_device,
-    check_vocab,
-    checkpoint_paths,
-    load_checkpoints,
-    tokenizer_section,
-)
+from glm.build import build_model, build_tokenizer, check_device, check_vocab, load_checkpoints
 from glm.export import export_preflight
 from glm.model.glm import count_parameters
+from glm.run_inputs import DATA_OF_MODE, RANDOM_INIT, checkpoint_paths, tokenizer_section
 from glm.settings import RunConfig, as_run
 
 
@@ -56,8 +48,6 @@ def _show_ids(ids: np.ndarray, limit: int = 24) -> str:
     return f"[{head}{', ...' if len(ids) > limit else ''}] ({len(ids)} tokens)"
 
 
-# The data a run mode reads (export reads none; predict and chat only the tokenizer).
-DATA_OF_MODE = {"train": "train_dataset", "finetune": "train_dataset", "eval": "eval_dataset"}
 
 
 def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from glm import GLMError
 from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
-from glm.chat_format import parse_reply, reply_text
 from glm.dataset import build_dataset
 from glm.generate import Generator
 from glm.io import ensure_dir, write_json_atomic
@@ -79,9 +78,7 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
             idx = list(range(start, min(n, start + batch)))
             prompts = [[int(t) for t in ids_all[i] if t != tok.pad_id] for i in idx]
             outputs = generator.generate(prompts, gen_cfg)
-            preds = [tok.decode(o) for o in outputs]
-            if data.stats.get("format") == "conversations":  # "tool\n{args}" or the reply, as the reference
-                preds = [reply_text(*parse_reply(p)) for p in preds]
+            preds = [data.prediction_text(o) for o in outputs]
             records = [data.records[i] for i in idx]
             before = len(metric.per_sample)
             metric.update(preds, [r.answer for r in records], [r.line for r in records])

@@ -42,17 +42,7 @@ from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.io import output_lock, remove_stale_temps, write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule, lr_multiplier
-from glm.runlog import (
-    LOG_NAME,
-    RunLog,
-    config_hash,
-    header_line,
-    log_to_file,
-    new_run_id,
-    plot_run,
-    terminal,
-    write_to_log,
-)
+from glm.runlog import RunLog, new_run_id, plot_run, run_log, terminal, write_to_log
 from glm.runtime import ms
 from glm.settings import LossScaleConfig, RunConfig, as_run
 from glm.train_step import LossScale, TrainStep
@@ -206,7 +196,7 @@ class Trainer:
               f"{self.epochs} epochs, global batch {self.batch_size * self.accumulate * self.proc.world}, "
               f"world {self.proc.world}", flush=True)
         log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
-        log = RunLog(self.cfg, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
+        log = RunLog(self.run, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
         bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
                    dynamic_ncols=True, desc=self.run_mode, file=terminal(sys.stderr))
         seq = self.model.config.seq_length
@@ -346,18 +336,14 @@ def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Opti
 def run_train(cfg: RunConfig | dict, run_mode: str, resume=None) -> dict:
     run = as_run(cfg)
     proc = init_process(run)
-    out = Path(run.output_dir or "./output")
-    # One writer per output folder, taken before anything is written there (the log included); rank 0 holds
-    # it for the whole job. One process: its output goes to output_dir/log/glm.log too (ranks of a
-    # distributed job are logged to log/rank_k/glm.log by their launcher).
-    with output_lock(out, what=run_mode, enabled=proc.is_main):
-        run_id = new_run_id()
-        log_file = None if run.use_parallel else out / LOG_NAME
-        with log_to_file(log_file, header_line(run_id, config_hash(run.raw), run_mode)):
-            trainer = Trainer(run, run_mode, proc)
-            trainer.run_id = run_id
-            trainer.resume(resume if resume is not None else run.resume_training)
-            return trainer.train()
+    # One writer per output folder (re-entrant: the CLI holds it already for one process); rank 0 holds it
+    # for a distributed job.
+    with output_lock(run.output_dir or "./output", what=run_mode, enabled=proc.is_main), \
+            run_log(run) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
+        trainer = Trainer(run, run_mode, proc)
+        trainer.run_id = run_id
+        trainer.resume(resume if resume is not None else run.resume_training)
+        return trainer.train()
 
 
 __all__ = ["Trainer", "run_train", "list_checkpoints"]

@@ -297,6 +297,19 @@ def test_history_builds_chatglm2_round_prompt(tmp_path, capsys):
         load(path, ChatGLM3Tokenizer(SAMPLE / "tokenizer.model"), fmt="adgen", version=3, columns=cols)
 
 
+def test_adgen_rows_that_do_not_fit_the_columns(tmp_path, capsys):
+    tok = ChatGLM2Tokenizer(SAMPLE / "tokenizer.model")
+    path = write_lines(tmp_path / "qa.json", [{"q": "类型#裙", "a": "这款裙子"}, {"q": "类型#裤", "answer": "这款裤子"}])
+    cols = {"prompt": "q", "response": "a"}
+    records, _, stats = load(path, tok, fmt="adgen", version=2, columns=cols)
+    assert [r.line for r in records] == [1] and stats["skipped"]["missing_key"] == 1
+    assert "skipped 1 of 2 lines (missing_key 1); first at lines 2" in capsys.readouterr().err
+    with pytest.raises(GLMError) as e:
+        load(path, tok, fmt="adgen", phase="eval", version=2, columns=cols)
+    assert str(e.value) == (f"dataset file {str(path)!r} line 2: no 'a' key (the line has 'q', 'answer'); set "
+                            "data_loader.columns (prompt/response) or origin_columns to the file's keys")
+
+
 def test_config_accepts_format_and_columns():
     from glm.config import load_config
 
@@ -307,6 +320,12 @@ def test_config_accepts_format_and_columns():
     with pytest.raises(GLMError, match="unknown key 'train_dataset.data_loader.columns.prompts'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
                     ["train_dataset.data_loader.columns.prompts=q"])
+    with pytest.raises(GLMError, match="train_dataset.data_loader.format: conversations needs "
+                                       "train_dataset.tokenizer.type: ChatGLM3Tokenizer"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
+                    ["train_dataset.tokenizer.type=ChatGLM2Tokenizer"])
+    with pytest.raises(GLMError, match="eval_dataset.data_loader.columns.history: not used by format 'conversations'"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["eval_dataset.data_loader.columns.history=h"])
     with pytest.raises(GLMError, match="data_loader.format: expected one of 'adgen', 'conversations'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["train_dataset.data_loader.format=chat"])
 
