@@ -90,7 +90,7 @@ def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str) -> list[str]:
+                     run_mode: str, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
     `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
@@ -98,7 +98,7 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
     is still where it was.
     """
     from glm.checkpoint import load_state
-    from glm.weights import load_weights_into, read_weights
+    from glm.weights import load_weights, load_weights_into
 
     paths = checkpoint_paths(value)
     if paths == [RANDOM_INIT]:
@@ -108,53 +108,37 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
                            f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
         return []
-    used, loaded, adapter_given = [], set(), False
+    used, adapter_loaded = [], False
     for i, path in enumerate(paths):
         if path == RANDOM_INIT:
             continue
         if not os.path.exists(path):
             raise GLMError(f"load_checkpoint: {path} does not exist")
-        meta: dict = {}
         if path.endswith(".ckpt") and os.path.isfile(path):
             params, meta = load_state(path)
-            state = {k: v.asnumpy() for k, v in params.items() if hasattr(v, "asnumpy")}
-        else:
-            state = read_weights(path)
-        is_adapter = meta.get("kind") == "adapter"
-        if is_adapter:
-            _check_adapter(path, meta, lora)
-            if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
-                used += load_checkpoints(model, meta["base_checkpoint"], None, required=True, run_mode=run_mode)
-        elif lora and i > 0 and not any(_ADAPTER_MARK.search(k) for k in state):
-            raise GLMError(f"load_checkpoint {path}: the adapter half of 'base,adapter' holds no adapter weights (a "
-                           f"{meta.get('kind') or 'plain'} checkpoint); give the *-adapter.ckpt a LoRA or P-Tuning "
-                           "run saved")
-        adapter_given |= is_adapter or bool(lora and i > 0)
-        load_weights_into(model, state, strict=not (is_adapter or (lora and i > 0)), where=path)
-        loaded |= set(state)
+            if meta.get("kind") == "adapter":
+                _check_adapter(path, meta, lora)
+                if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
+                    used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
+                                             run_mode=run_mode, _adapter_follows=True)
+                state = {k: v.asnumpy() for k, v in params.items()}
+                load_weights_into(model, state, where=path, part="adapter")
+                used.append(path)
+                adapter_loaded = True
+                continue
+        # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
+        part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
+        missing, _ = load_weights(model, path, part=part)
+        adapter_loaded |= bool(lora) and not any(_ADAPTER_MARK.search(n) for n in missing)
         used.append(path)
-    if lora:
-        _report_adapter(model, loaded, adapter_given, run_mode)
+    if lora and not adapter_loaded and run_mode not in ("train", "finetune"):
+        # Freshly initialised adapters are not the tuned model; a fine-tune from base weights is the normal case.
+        print(f"warning: no adapter loaded: --run_mode {run_mode} runs the adapters as initialised, not a tuned "
+              "model; pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
     return used
 
 
 _ADAPTER_MARK = re.compile(r"\.lora_|prefix_encoder\.")   # LoRA factors, P-Tuning v2 prefix encoder
-
-
-def _report_adapter(model: GLMForCausalLM, loaded: set, adapter_given: bool, run_mode: str) -> None:
-    """Say so when adapter weights are really missing: an adapter without some of them, or an eval/predict/
-    export with no adapter at all (freshly initialised adapters: that is not the tuned model). A fine-tune
-    starting from base weights alone is the normal case and says nothing."""
-    names = [p.name for p in model.trainable_params()]   # with pet_config only the adapter trains
-    missing = [n for n in names if n not in loaded]
-    if not missing:
-        return
-    if adapter_given:
-        print(f"warning: the adapter lacks {len(missing)} of the model's {len(names)} adapter parameter(s) (e.g. "
-              f"{missing[0]}); those are left as initialised", file=sys.stderr)
-    elif len(missing) == len(names) and run_mode not in ("train", "finetune"):
-        print(f"warning: no adapter loaded: --run_mode {run_mode} runs the adapters as initialised, not a tuned "
-              "model; pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
 
 
 def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:

@@ -26,7 +26,7 @@ from glm.generate import Generator
 from glm.io import ensure_dir, write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
-from glm.settings import RunConfig, as_run
+from glm.settings import DatasetConfig, RunConfig, as_run
 
 STATS_FILE = "eval_data_stats.json"
 
@@ -34,8 +34,8 @@ STATS_FILE = "eval_data_stats.json"
 def run_eval(cfg: RunConfig | dict) -> dict:
     cfg = as_run(cfg)
     proc = init_process(cfg)
-    section = dataclasses.asdict(cfg.eval_data)
-    phase = (section.get("data_loader") or {}).get("phase", "eval")
+    section = cfg.eval_data
+    phase = section.data_loader.phase
     metric_type = cfg.metric.type
     out = ensure_dir(cfg.output_dir or "./output")
     if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
@@ -52,12 +52,12 @@ def run_eval(cfg: RunConfig | dict) -> dict:
     return result
 
 
-def _limit(section: dict, n: int) -> int:
-    limit = section.get("max_eval_samples")
+def _limit(section: DatasetConfig, n: int) -> int:
+    limit = section.max_eval_samples
     return n if limit in (None, -1, 0) else min(n, int(limit))
 
 
-def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _adgen(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, write_stats: bool = True) -> dict:
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
@@ -102,10 +102,10 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
     return result
 
 
-def _perplexity(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _perplexity(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, write_stats: bool = True) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
-    section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}
+    section = dataclasses.replace(section, data_loader=dataclasses.replace(section.data_loader, phase="train"))
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
     check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")

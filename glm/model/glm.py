@@ -228,7 +228,7 @@ class GreedyChunk(nn.Cell):
             logits = self.lm.logits(hidden.reshape(b, -1))
             if self.vocab is not None:
                 logits = logits[:, :self.vocab]
-            finite.append(ops.isfinite(logits.max(-1)))
+            finite.append(ops.isfinite(logits.max(axis=-1)))   # max(-1) is (values, indices) in PyNative
             tokens = ops.argmax(logits, -1).astype(ms.int32).reshape(b, 1)
             chosen.append(tokens)
             positions = ops.minimum(positions + 1, self.last_slot)
