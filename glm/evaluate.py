@@ -20,10 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints
+from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
 from glm.dataset import build_dataset
 from glm.generate import Generator
-from glm.io import write_json_atomic
+from glm.io import ensure_dir, write_json_atomic
 from glm.metrics import ADGENMetric, PerplexityMetric
 from glm.runtime import ms
 from glm.settings import DatasetConfig, RunConfig, as_run
@@ -37,8 +37,9 @@ def run_eval(cfg: RunConfig | dict) -> dict:
     section = cfg.eval_data
     phase = section.data_loader.phase
     metric_type = cfg.metric.type
-    out = Path(cfg.output_dir or "./output")
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(cfg.output_dir or "./output")
+    if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
+        (out / "metrics.json").unlink(missing_ok=True)
     batch = cfg.runner_config.batch_size
     if metric_type == "PerplexityMetric" or phase == "train":
         result = _perplexity(cfg, section, batch, out, proc.is_main)
@@ -62,6 +63,7 @@ def _adgen(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, write_
         write_json_atomic(data.stats, out / STATS_FILE)
     tok = data.tokenizer
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
+    check_vocab(tok, model.config, "eval_dataset.tokenizer")
     load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval")
     gen_cfg = generation_config(cfg, tok)
     generator = Generator(model, use_cache=True)
@@ -106,6 +108,7 @@ def _perplexity(cfg: RunConfig, section: DatasetConfig, batch: int, out: Path, w
     section = dataclasses.replace(section, data_loader=dataclasses.replace(section.data_loader, phase="train"))
     model, lora = build_model(cfg)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
+    check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval")

@@ -35,6 +35,7 @@ class GenerationConfig:
     eos_token_id: list = field(default_factory=lambda: [2])
     pad_token_id: int = 0
     seed: int = 0
+    vocab_size: Optional[int] = None   # the tokenizer's: ids from here up (the model's padding rows) are never chosen
 
 
 # streamer(row, token) -> True ends that row now (its token is kept); None/False goes on.
@@ -64,11 +65,8 @@ class Generator:
     """
 
     def __init__(self, model: GLMForCausalLM, use_cache: bool = True, bucket: int = 64,
-                 decode_chunk: Optional[int] = None, vocab_size: Optional[int] = None):
+                 decode_chunk: Optional[int] = None):
         self.model = model
-        # Ids past the tokenizer's vocabulary (the padding of padded_vocab_size) are never chosen: they
-        # have no text, and an untrained row could still draw one.
-        self.vocab_size = vocab_size
         self.cfg = model.config
         self.use_cache = use_cache
         self.bucket = bucket
@@ -153,8 +151,8 @@ class Generator:
         logits = self._first_logits(rows, lengths)
         chunked = self.use_cache and self.decode_chunk > 1 and all(_is_greedy(g) for g in gens)
         while True:
-            if self.vocab_size is not None:
-                logits[:, self.vocab_size:] = -np.inf
+            if gens[0].vocab_size and gens[0].vocab_size < logits.shape[-1]:
+                logits = logits[:, :gens[0].vocab_size]   # untrained padding rows of the head are not tokens
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             chosen = np.zeros(self.rows, np.int64)
             for g, members in groups:
@@ -172,7 +170,7 @@ class Generator:
             if stop.done:
                 return new
             if chunked:
-                return self._greedy_chunks(tokens, lengths, stop, new, seqs, eos, streamer)
+                return self._greedy_chunks(tokens, lengths, stop, new, seqs, eos, streamer, gens[0].vocab_size)
             logits = self._next_logits(tokens, lengths - active, seqs)
 
     @staticmethod
@@ -189,10 +187,10 @@ class Generator:
                 stop.finished[r] = True
         return tokens
 
-    def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer) -> list[list[int]]:
+    def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer, vocab) -> list[list[int]]:
         """Greedy decoding `decode_chunk` tokens per graph call; the host replays the stop rules."""
-        if self._greedy is None:
-            self._greedy = GreedyChunk(self.model, self.decode_chunk, self.vocab_size)
+        if self._greedy is None or self._greedy.vocab != vocab:
+            self._greedy = GreedyChunk(self.model, self.decode_chunk, vocab)
         last_slot = self.cfg.seq_length - 1
         while True:
             # Each row's last token sits at position length - 1 of its sequence.
