@@ -25,8 +25,8 @@ Session fixtures (all from configs/glm2/run_glm2_tiny*.yaml, `--load_checkpoint 
 TinyRun also gives `records` / `losses` (metrics.jsonl), `summary` (train_summary.json) and `log`
 (log/glm.log: everything the run printed). Helpers for driving the CLI are in tests/cli_utils.py.
 
-The fixtures work under pytest-xdist too (`-n 2`): keep new tests independent of order and of other
-tests' files.
+The suite runs on one pytest-xdist worker per core (setup.cfg's addopts: `-n auto`; `-n 0` runs it in one
+process, e.g. with --pdb): keep new tests independent of order and of other tests' files.
 
 Markers: `slow` (multi-process or long runs, > ~20 s; every test that uses a shared run is marked
 automatically) runs in CI like every other test; deselect it locally with `-m "not slow"`.
