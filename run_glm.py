@@ -62,13 +62,15 @@ class _Command(click.Command):
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--gradient_accumulation_steps", type=click.IntRange(min=1), default=None)
 @click.option("--max_steps", type=int, default=None, help="Stop training after this many optimizer steps.")
-@click.option("--raw_prompt", is_flag=True, help="predict: use the prompt text as is (no chat template).")
+@click.option("--prompt_format", type=click.Choice(["auto", "raw", "glm2", "glm3_chat"]), default=None,
+              help="eval/predict/chat prompt encoding; auto (default) = the format the checkpoint was fine-tuned with.")
+@click.option("--raw_prompt", is_flag=True, help="Same as --prompt_format raw: the prompt text as is (no template).")
 @click.option("--dry_run", is_flag=True,
               help="Build and check everything, print the config, parameter counts and one sample; no training.")
 @click.argument("overrides", nargs=-1)
 def main(config_path, run_mode, load_checkpoint, resume_training, output_dir, device_target, device_id, mode,
          seed, use_parallel, train_dataset_dir, eval_dataset_dir, predict_data, batch_size, epochs,
-         gradient_accumulation_steps, max_steps, raw_prompt, dry_run, overrides):
+         gradient_accumulation_steps, max_steps, prompt_format, raw_prompt, dry_run, overrides):
     """Train, fine-tune, evaluate, predict with or export ChatGLM2/ChatGLM3 from one YAML config.
 
     OVERRIDES are dotted key=value pairs applied after the flags, e.g. runner_config.epochs=3.
@@ -104,7 +106,7 @@ _FLAG_KEYS = {
     "seed": "seed", "train_dataset_dir": "train_dataset.data_loader.dataset_dir",
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir", "batch_size": "runner_config.batch_size",
     "epochs": "runner_config.epochs", "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
-    "max_steps": "runner_config.max_steps",
+    "max_steps": "runner_config.max_steps", "prompt_format": "prompt_format",
 }
 
 
@@ -123,6 +125,8 @@ def _resolve(config_path: str, run_mode: str | None, flags: dict, overrides) -> 
             pairs.append((key, flags[flag]))
     if flags.get("use_parallel") is not None:
         pairs.append(("use_parallel", _bool(flags["use_parallel"])))
+    if flags.get("raw_prompt"):
+        pairs.append(("prompt_format", "raw"))
     run_mode = run_mode or cfg.get("run_mode") or "train"
     if run_mode == "export" and flags.get("batch_size") is not None:
         pairs.append(("model.model_config.batch_size", flags["batch_size"]))

@@ -73,11 +73,12 @@ def checkpoint_paths(value) -> list[str]:
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str) -> list[str]:
+                     run_mode: str, metas: Optional[list] = None) -> list[str]:
     """Load base weights and/or a LoRA adapter into `model`; return the files used.
 
     An adapter checkpoint written by this tool names the base weights it was trained on, so
     `--load_checkpoint adapter.ckpt` alone is enough when that base file is still where it was.
+    `metas`, if given, receives the meta of every file loaded that has one, in load order (base first).
     """
     from glm.checkpoint import load_state
     from glm.weights import load_weights, load_weights_into
@@ -102,11 +103,15 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 _check_adapter(path, meta, lora)
                 if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                     used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode)
+                                             run_mode=run_mode, metas=metas)
+                if metas is not None:
+                    metas.append(meta)
                 state = {k: v.asnumpy() for k, v in params.items()}
                 load_weights_into(model, state, strict=False, where=path)
                 used.append(path)
                 continue
+            if metas is not None:
+                metas.append(meta)
         load_weights(model, path, strict=not (lora and i > 0))
         used.append(path)
     return used

@@ -63,7 +63,7 @@ DATA_LOADER = {
     "dataset_dir": (str, ""),
     "shuffle": (bool, False),
     "phase": (frozenset({"train", "eval"}), "train"),
-    "version": (frozenset({2, 3}), 2),  # 2: "[Round 1]\n\n问：…" prompt, 3: ChatGLM3 role tokens
+    "version": (frozenset({2, 3}), 2),  # 2: "[Round 1]\n\n问：…答：" prompt, 3: the content as is (no template)
     "origin_columns": (list, ["content", "summary"]),
 }
 DATASET = {
@@ -174,6 +174,14 @@ SCHEMA: dict = {
     "do_eval": (bool, False),
     "eval_step_interval": (int, 500),  # < 0 disables
     "eval_epoch_interval": (int, -1),  # < 0 disables
+    # Evaluation during training (glm/train_eval.py); names as in HF Trainer, not in MindFormers.
+    "best_metric": (str, "eval_loss"),  # eval_loss, eval_perplexity, or eval_rouge-1/2/l / eval_bleu-4 (ADGEN)
+    "greater_is_better": ((bool, NONE), None),  # None: False for loss/perplexity, True for ROUGE/BLEU
+    "early_stopping_patience": (int, 0, 0),  # stop after this many evaluations without improvement; 0: never
+    "early_stopping_threshold": (float, 0.0, 0),  # an improvement must beat the best by more than this
+    # How eval/predict/chat encode prompts: auto = the format the checkpoint was fine-tuned with
+    # (else the eval data's version, or the model family's chat template); raw, glm2 or glm3_chat.
+    "prompt_format": (frozenset({"auto", "raw", "glm2", "glm3_chat"}), "auto"),
     "remote_save_url": (str, ""),
     "predict_batch_size": ((int, NONE), None, 1),
     "trainer": ({"type": (str, "CausalLanguageModelingTrainer"), "model_name": (str, "glm2_6b")}, {}),

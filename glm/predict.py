@@ -1,7 +1,9 @@
 """`--run_mode predict` (prompts from the command line or a file) and `--run_mode chat` (a terminal chat).
 
-Prompts go through the model family's template (GLM2's "[Round n]" prompt, GLM3's role tokens) unless
-`--raw_prompt` is given. Results are printed and written to `<output_dir>/predict_results.jsonl`.
+Prompts are encoded in the format the checkpoint was fine-tuned with (recorded in its meta), else in the
+model family's chat template (GLM2's "[Round n]" prompt, GLM3's role tokens); `prompt_format` /
+`--prompt_format` (or `--raw_prompt`) overrides it (see glm/prompt_format.py). Results are printed and
+written to `<output_dir>/predict_results.jsonl`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from glm import GLMError
 from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
 from glm.generate import Generator
+from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
 
@@ -65,22 +68,27 @@ def _json_prompt(line: str, path: Path, no: int) -> str:
     raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
-def _session(cfg: dict, rows: int, run_mode: str):
+def _session(cfg: dict, rows: int, run_mode: str, requested_format: str | None = None):
+    """(tokenizer, generator, generation config, prompt format) for predict and chat."""
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
     if tok.vocab_size > model.config.padded_vocab_size:
         raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
                        f"{model.config.padded_vocab_size}")
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode)
-    return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
+    metas: list[dict] = []
+    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode, metas=metas)
+    fmt = resolve_prompt_format(requested_format or cfg.get("prompt_format"), recorded_format(metas),
+                                family_format(tok))
+    return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 
 def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
     prompts = read_prompts(items)
     rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
-    tok, generator, gen = _session(cfg, rows, "predict")
-    encoded = [tok.encode(p) if raw else tok.build_generation_input(p) for p in prompts]
+    tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
+    print(f"prompt format: {fmt}", flush=True)
+    encoded = [encode_prompt(tok, fmt, p) for p in prompts]
     outputs = generator.generate(encoded, gen)
     results = [{"prompt": p, "response": tok.decode(o), "new_tokens": len(o)} for p, o in zip(prompts, outputs)]
     for r in results:
@@ -113,7 +121,7 @@ class _Printer:
 
 
 def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    tok, generator, gen = _session(cfg, 1, "chat")
+    tok, generator, gen, fmt = _session(cfg, 1, "chat")
     history: list[tuple[str, str]] = []
     stdout.write("chat: type a message; /reset clears the history, /exit quits\n")
     while True:
@@ -129,12 +137,12 @@ def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
             history = []
             stdout.write("(history cleared)\n")
             continue
-        ids = tok.build_generation_input(query, history)
+        ids = encode_prompt(tok, fmt, query, history)
         limit = generator.cfg.seq_length if gen.max_new_tokens is not None else \
             min(gen.max_length or generator.cfg.seq_length, generator.cfg.seq_length)
         while len(ids) >= limit and history:    # drop the oldest turns: the answer needs room under max_length
             history = history[1:]
-            ids = tok.build_generation_input(query, history)
+            ids = encode_prompt(tok, fmt, query, history)
         printer = _Printer(tok, stdout)
         try:
             out = generator.generate([ids], gen, streamer=printer)[0]
