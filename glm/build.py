@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from glm import GLMError
+from glm.io import write_json_atomic  # noqa: F401  (its home is glm.io; kept importable from here)
 from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
@@ -127,15 +126,6 @@ def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
         if saved.get(key) != lora.get(key):
             raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "
                            f"model.model_config.pet_config.{key} is {lora.get(key)!r}")
-
-
-def write_json_atomic(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def peak_rss_mb() -> float:

@@ -15,10 +15,12 @@ import os
 import re
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from glm import GLMError
+from glm.io import atomic_path
 from glm.runtime import ms
 
 FORMAT = "glm-launcher/1"
@@ -38,26 +40,35 @@ def checkpoint_name(prefix: str, rank: int, epoch: int, step: int) -> str:
 def save_atomic(items: list[dict], path: str | Path, meta: Optional[dict] = None) -> Path:
     """Write `[{"name", "data"}]` (+ meta) to `path` via a hidden temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial-{socket.gethostname()}-{os.getpid()}.ckpt")
     append = {"glm_meta": json.dumps({"format": FORMAT, **(meta or {})}, default=str)}
-    try:
+    with atomic_path(path, needed=items_nbytes(items)) as tmp, _quiet_mindspore_log():
         ms.save_checkpoint(items, str(tmp), append_dict=append, crc_check=True)
-        _fsync(tmp)            # the bytes reach the disk before the name does: a crash leaves old or new
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def items_nbytes(items: list[dict]) -> int:
+    """Roughly the size of the checkpoint `items` make (for the full-disk message)."""
+    total = 0
+    for item in items:
+        data = item["data"]
+        total += int(getattr(data, "nbytes", 0) or (data.size * data.itemsize if hasattr(data, "itemsize") else 0))
+    return total
+
+
+@contextmanager
+def _quiet_mindspore_log():
+    """MindSpore logs a [CRITICAL] line of its own before re-raising a failed save; ours is the one line."""
+    from mindspore import log
+
+    logger = log._get_logger() if hasattr(log, "_get_logger") else None
+    level = logger.level if logger else None
+    if logger:
+        logger.setLevel(60)
     try:
-        os.fsync(fd)
+        yield
     finally:
-        os.close(fd)
+        if logger:
+            logger.setLevel(level)
 
 
 def params_to_items(params, skip_caches: bool = True) -> list[dict]:

@@ -12,10 +12,8 @@ The schema format and the checking machinery are in glm/validate.py.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -413,19 +411,11 @@ class _Dumper(yaml.SafeDumper):
 
 
 def save_resolved(cfg: dict, output_dir: str | Path) -> Path:
-    """Write `output_dir/config.resolved.yaml` atomically (temp file + os.replace); return its path."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.resolved.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.resolved.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.dump(cfg, f, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write `output_dir/config.resolved.yaml` atomically (glm.io: temp file, fsync, rename); return its path."""
+    from glm.io import write_text_atomic
+
+    text = yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return write_text_atomic(Path(output_dir) / "config.resolved.yaml", text)
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -23,10 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints, write_json_atomic
+from glm.build import build_model, generation_config, init_process, load_checkpoints
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
+from glm.io import write_json_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric, PerplexityMetric
 from glm.prompt_format import FORMAT_VERSIONS, data_format, recorded_format, resolve_prompt_format
 from glm.runtime import ms

@@ -26,7 +26,8 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from glm import GLMError
-from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints, write_json_atomic
+from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints
+from glm.io import write_json_atomic
 from glm.model.glm import GLMForCausalLM, _take_last
 from glm.runtime import ms, resolve_dtype
 

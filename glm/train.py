@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb, write_json_atomic
+from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb
 from glm.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -36,6 +36,7 @@ from glm.checkpoint import (
 from glm.config import callback, dataset_section, save_resolved
 from glm.dataset import build_dataset
 from glm.dropout import COUNTER_NAME, use_counted_dropout
+from glm.io import write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule
 from glm.prompt_format import data_format

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import Process, build_model, generation_config, write_json_atomic
+from glm.build import Process, build_model, generation_config
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.evaluate import generate_and_score, limit_samples, token_loss, with_prompt_format
+from glm.io import write_json_atomic, write_text_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric
 from glm.prompt_format import data_format
 from glm.runtime import ms
@@ -161,9 +161,7 @@ class TrainEvaluator:
             lines = log.read_text(encoding="utf-8").splitlines()
             keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
             if len(keep) != len(lines):
-                tmp = log.with_name(f".{log.name}.tmp-{os.getpid()}")
-                tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-                os.replace(tmp, log)
+                write_text_atomic(log, "".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------ one evaluation
     def run(self, step: int, epoch: int, metrics_log=None) -> dict:

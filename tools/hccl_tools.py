@@ -13,14 +13,12 @@ Merge the tables of several servers with tools/merge_hccl.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,19 +104,10 @@ def build_rank_table(server_ip: str, device_ids: list[int], device_ips: list[str
 
 
 def write_json_atomic(obj: dict[str, Any], path: str) -> None:
-    """Write JSON (indent 4) to a temp file next to `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """JSON (indent 4, as the reference's tables) via the shared atomic writer."""
+    from glm.io import write_json_atomic as write
+
+    write(obj, path, indent=4)
 
 
 def generate(args: argparse.Namespace) -> str:
