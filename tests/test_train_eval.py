@@ -225,3 +225,54 @@ def test_max_steps_shortens_the_schedule_and_a_finished_run_continues_or_says_wh
     assert "resume: the lr schedule now spans 25 steps (the checkpoint's run: 20)" in more.stdout
     lrs = [r["lr"] for r in jsonl(out / "metrics.jsonl")]
     assert len(lrs) == 25 and lrs[20] == pytest.approx(LRSchedule("polynomial", cfg_lr, 25, warmup)(20), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------- prompt format (unit)
+def test_prompt_format_resolution_and_mismatch_warnings():
+    from glm.prompt_format import recorded_format, resolve_prompt_format
+
+    warnings: list[str] = []
+    assert recorded_format([{"prompt_format": "glm2"}, {"kind": "adapter", "prompt_format": "raw"}]) == "raw"
+    assert recorded_format([{}, {"kind": "network"}]) is None
+    # No request: the checkpoint's record, else the fallback; neither warns when they agree.
+    assert resolve_prompt_format("auto", "raw", "glm3_chat", warn=warnings.append) == "raw"
+    assert resolve_prompt_format(None, None, "glm3_chat", warn=warnings.append) == "glm3_chat"
+    assert warnings == []
+    # A request wins, with a warning naming both formats.
+    assert resolve_prompt_format("glm3_chat", "raw", "glm2", warn=warnings.append) == "glm3_chat"
+    assert len(warnings) == 1 and "glm3_chat" in warnings[0] and "raw" in warnings[0]
+    # An eval block whose version disagrees with the checkpoint: the checkpoint wins, and it is said.
+    assert resolve_prompt_format(None, "raw", "glm2", "eval_dataset.data_loader.version 2",
+                                 warn=warnings.append) == "raw"
+    assert "eval_dataset.data_loader.version 2" in warnings[-1] and "glm2" in warnings[-1]
+
+
+def test_predict_encodes_a_raw_format_prompt_as_eval_version_3_does():
+    """The ids predict feeds a version-3 model are the ids of the eval (and training) prompt."""
+    from glm.data import Record, preprocess_eval
+    from glm.prompt_format import encode_prompt
+    from glm.tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer
+
+    tok = ChatGLM3Tokenizer(REPO / "data/sample/tokenizer.model")
+    texts = ["类型#裙*颜色#红色", "类型#上衣*风格#简约*图案#条纹"]
+    ev, _ = preprocess_eval(tok, [Record(t, "答", i) for i, t in enumerate(texts)], 48, 8, version=3)
+    for text, row in zip(texts, ev["input_ids"]):
+        assert encode_prompt(tok, "raw", text) == [int(t) for t in row if t != tok.pad_id]
+    ev2, _ = preprocess_eval(tok, [Record(texts[0], "答", 0)], 48, 8, version=2)
+    assert encode_prompt(tok, "glm2", texts[0]) == [int(t) for t in ev2["input_ids"][0] if t != tok.pad_id]
+    assert encode_prompt(tok, "glm3_chat", texts[0]) == tok.build_chat_input(texts[0])
+    with pytest.raises(Exception, match="glm3_chat needs the ChatGLM3 tokenizer"):
+        encode_prompt(ChatGLM2Tokenizer(REPO / "data/sample/tokenizer.model"), "glm3_chat", "x")
+
+
+def test_max_steps_cannot_extend_a_run_past_its_epochs(tmp_path):
+    lines = (REPO / "data/sample/train.json").read_text(encoding="utf-8").splitlines(keepends=True)
+    data = tmp_path / "train12.json"
+    data.write_text("".join(lines[:12]), encoding="utf-8")          # 3 steps per epoch at batch 4
+    common = ["--config", TINY2, "--run_mode", "finetune", "--load_checkpoint", "random", "--output_dir",
+              str(tmp_path / "out"), "--train_dataset_dir", str(data), "--epochs", "1"]
+    run_glm(*common)
+    proc = run_glm(*common, "--max_steps", "10", "--resume_training", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(error) == 1 and "max_steps 10" in error[0] and "runner_config.epochs" in error[0], proc.stderr
