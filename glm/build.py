@@ -12,6 +12,7 @@ from glm.io import write_json_atomic  # noqa: F401  (its home is glm.io; kept im
 from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
+from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
 from glm.runtime import ms, setup_context
 
 RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
@@ -54,9 +55,13 @@ def model_config(cfg: dict, **overrides) -> GLMConfig:
 
 
 def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]:
-    """The model (with LoRA adapters when `pet_config` asks for them) and its LoRA settings."""
+    """The model and its parameter-efficient tuning settings (None for full fine-tuning): LoRA adapters
+    are attached here; a P-Tuning v2 prefix encoder is part of the model (see glm/model/ptuning.py).
+    Either way only the adapter or prefix trains."""
     mcfg = model_config(cfg, **overrides)
     model = GLMForCausalLM(mcfg)
+    if mcfg.ptuning:
+        return model, mcfg.ptuning.to_dict()
     lora = lora_settings(mcfg.pet_config)
     if lora:
         apply_lora(model, lora)
@@ -73,11 +78,12 @@ def checkpoint_paths(value) -> list[str]:
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
                      run_mode: str, metas: Optional[list] = None) -> list[str]:
-    """Load base weights and/or a LoRA adapter into `model`; return the files used.
+    """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
-    An adapter checkpoint written by this tool names the base weights it was trained on, so
-    `--load_checkpoint adapter.ckpt` alone is enough when that base file is still where it was.
-    `metas`, if given, receives the meta of every file loaded that has one, in load order (base first).
+    `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
+    weights it was trained on, so `--load_checkpoint adapter.ckpt` alone is enough when that base file
+    is still where it was. `metas`, if given, receives the meta of every file loaded that has one, in load
+    order (base first).
     """
     from glm.checkpoint import load_state
     from glm.weights import load_weights, load_weights_into
@@ -116,16 +122,29 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
     return used
 
 
-def _check_adapter(path: str, meta: dict, lora: Optional[dict]) -> None:
-    saved = meta.get("lora") or {}
-    if lora is None:
-        raise GLMError(f"load_checkpoint {path}: this is a LoRA adapter (rank {saved.get('lora_rank')}) but the "
-                       "config has no model.model_config.pet_config; add the same pet_config, or merge it first "
-                       "with tools/merge_lora.py")
-    for key in ("lora_rank", "target_modules"):
-        if saved.get(key) != lora.get(key):
+def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
+    """The adapter's recorded hyper-parameters must be the config's: a mismatch names the key."""
+    saved = meta.get("pet") or meta.get("lora") or {}   # files before P-Tuning recorded only "lora"
+    kind = saved.get("pet_type", "lora")
+    if kind == PTUNING_TYPE:
+        what = f"a P-Tuning v2 prefix (pre_seq_len {saved.get('pre_seq_len')})"
+        keys = ["pre_seq_len", "prefix_projection"] + (["projection_dim"] if saved.get("prefix_projection") else [])
+        fix = ("add model.model_config.pet_config: {pet_type: ptuning2, "
+               + ", ".join(f"{k}: {saved.get(k)}" for k in keys) + "}")
+    else:
+        what = f"a LoRA adapter (rank {saved.get('lora_rank')})"
+        keys = ["lora_rank", "target_modules"]
+        fix = "add the same pet_config, or merge it first with glm merge-lora"
+    if pet is None:
+        raise GLMError(f"load_checkpoint {path}: this is {what} but the config has no "
+                       f"model.model_config.pet_config; {fix}")
+    if pet.get("pet_type") != kind:
+        raise GLMError(f"load_checkpoint {path}: this is {what} but model.model_config.pet_config.pet_type is "
+                       f"{pet.get('pet_type')!r}")
+    for key in keys:
+        if saved.get(key) != pet.get(key):
             raise GLMError(f"load_checkpoint {path}: adapter {key} is {saved.get(key)!r} but "
-                           f"model.model_config.pet_config.{key} is {lora.get(key)!r}")
+                           f"model.model_config.pet_config.{key} is {pet.get(key)!r}")
 
 
 def peak_rss_mb() -> float:

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from glm import GLMError
+from glm.model.config import DEFAULTS as PTUNING_DEFAULTS
+from glm.model.config import PET_TYPE as PTUNING_TYPE
 from glm.model.config import GLMConfig
 from glm.validate import NONE, hint, typed, validate_section
 
@@ -28,7 +30,8 @@ RUN_MODES = frozenset({"train", "finetune", "eval", "predict", "export", "chat"}
 # The reference spells its checkpoint callback "CheckpointMointor"; both spellings are accepted.
 CHECKPOINT_CALLBACKS = ("CheckpointMonitor", "CheckpointMointor")
 # MindFormers' class names for the schedules are accepted and mapped to the short names.
-LR_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "cosine": "cosine",
+LR_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "linear": "linear",
+            "LinearWithWarmUpLR": "linear", "cosine": "cosine",
             "CosineWithWarmUpLR": "cosine", "CosineAnnealingLR": "cosine", "constant": "constant",
             "ConstantWarmUpLR": "constant"}
 # model_config keys of the reference that only matter for Ascend inference graphs (paged attention,
@@ -36,7 +39,7 @@ LR_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", 
 IGNORED_MODEL_KEYS = frozenset({
     "use_paged_attention", "block_size", "num_blocks", "use_prompt_flash_attention",
     "use_kvcache_op", "is_sample_acceleration", "embedding_type", "mask_type", "gmask_token_id",
-    "bos_token_id", "vocab_size"})
+    "bos_token_id", "vocab_size", "softmax_compute_type"})
 
 
 # ------------------------------------------------------------------------------------------ schema
@@ -56,8 +59,20 @@ TOKENIZER = {
     **{k: ((str, NONE), None)
        for k in ("bos_token", "eos_token", "end_token", "mask_token", "gmask_token", "pad_token", "unk_token")},
 }
+COLUMNS = {  # data_loader.columns: the JSON key holding each field (null: origin_columns / the format's default)
+    "prompt": ((str, NONE), None),         # adgen: the prompt (default origin_columns[0], "content")
+    "response": ((str, NONE), None),       # adgen: the answer (default origin_columns[1], "summary")
+    "history": ((str, NONE), None),        # adgen: [[query, response], ...] earlier rounds of the [Round n] prompt
+    "conversations": ((str, NONE), None),  # conversations: the message list (default "conversations")
+    "tools": ((str, NONE), None),          # conversations: the tool list (default "tools")
+    "system": ((str, NONE), None),         # conversations: a per-line system prompt put first (default: none)
+}
 DATA_LOADER = {
     "type": (frozenset({"ADGenDataLoader"}), "ADGenDataLoader"),
+    # adgen: prompt/answer pairs (KeyWordGen, version 2/3); conversations: ChatGLM3 messages with tools,
+    # loss on the assistant turns (needs ChatGLM3Tokenizer; version does not apply)
+    "format": (frozenset({"adgen", "conversations"}), "adgen"),
+    "columns": (COLUMNS, {}),
     "dataset_dir": (str, ""),
     "shuffle": (bool, False),
     "phase": (frozenset({"train", "eval"}), "train"),
@@ -76,13 +91,34 @@ DATASET = {
     "seed": (int, 0), "max_eval_samples": ((int, NONE), None, 1),
 }
 DATASET_TASK = {"type": (str, "KeyWordGenDataset"), "dataset_config": (DATASET, None)}
-PET = {
+LORA_PET = {
     "pet_type": (frozenset({"lora"}), "lora"),
     "lora_rank": (int, 8, 1),
     "lora_alpha": (float, 16.0, 0),
     "lora_dropout": (float, 0.0, 0),
     "target_modules": (_regex, r".*query_key_value$"),  # regex on layer names
 }
+PTUNING_PET = {  # P-Tuning v2 (glm/model/ptuning.py holds the defaults: MindFormers' Ptuning2Config)
+    "pet_type": (frozenset({PTUNING_TYPE}), PTUNING_TYPE),
+    "pre_seq_len": (int, PTUNING_DEFAULTS.pre_seq_len, 1),
+    "prefix_projection": (bool, PTUNING_DEFAULTS.prefix_projection),
+    "projection_dim": (int, PTUNING_DEFAULTS.projection_dim, 1),
+    "dropout_prob": (float, PTUNING_DEFAULTS.dropout_prob, 0),
+}
+PET_TYPES = {"lora": LORA_PET, PTUNING_TYPE: PTUNING_PET}
+# ChatGLM2WithPtuning2 is MindFormers' P-Tuning class; the model here is one class with an optional prefix.
+ARCH_TYPES = frozenset({"ChatGLM2ForConditionalGeneration", "ChatGLM2WithPtuning2"})
+
+
+def _pet_config(value: Any, where: str) -> dict:
+    """model_config.pet_config: the keys of its pet_type (lora when absent)."""
+    if not isinstance(value, dict):
+        raise GLMError(f"{where}: expected a mapping, got {value!r}")
+    kind = value.get("pet_type", "lora")
+    if kind not in PET_TYPES:
+        raise GLMError(f"{where}.pet_type: expected one of {', '.join(map(repr, PET_TYPES))}, got {kind!r}"
+                       f"{hint(kind, PET_TYPES)}")
+    return validate_section(value, PET_TYPES[kind], where)
 SCALE_SENSE = {
     "type": (frozenset({"DynamicLossScaleUpdateCell", "FixedLossScaleUpdateCell"}), "DynamicLossScaleUpdateCell"),
     "loss_scale_value": (float, 65536.0, 1), "scale_factor": (int, 2, 1), "scale_window": (int, 1000, 1),
@@ -152,7 +188,7 @@ def _model_config(value: Any, where: str) -> dict:
 
 def _field_kind(f: dataclasses.Field) -> Any:
     if f.name == "pet_config":
-        return PET
+        return _pet_config
     kinds = {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": (int, NONE)}
     return kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), object)
 
@@ -194,7 +230,7 @@ SCHEMA: dict = {
         "runtime_num_threads": ((int, NONE), None, 1),
     }, {}),
     "model": ({"model_config": (_model_config, {}),
-               "arch": ({"type": (str, "ChatGLM2ForConditionalGeneration")}, {})}, {}),
+               "arch": ({"type": (ARCH_TYPES, "ChatGLM2ForConditionalGeneration")}, {})}, {}),
     "train_dataset": (DATASET, None),
     "train_dataset_task": (DATASET_TASK, None),
     "eval_dataset": (DATASET, None),
@@ -206,6 +242,7 @@ SCHEMA: dict = {
         "gradient_accumulation_steps": (int, 1, 1),
         "max_steps": ((int, NONE), None, 1),  # stop after this many optimizer steps (not in the reference)
         "log_interval": (int, 10, 1),  # steps between loss log lines (not in the reference)
+        "plot_curves": (bool, True),  # PNG curves under output_dir/plots at the end of training (not in the reference)
     }, {}),
     "runner_wrapper": ({
         "type": (str, "MFTrainOneStepCell"),
@@ -260,6 +297,9 @@ SCHEMA: dict = {
     "profile": (bool, False), "profile_start_step": (int, 1, 0), "profile_stop_step": (int, 10, 0),
     "init_start_profile": (bool, False), "profile_communication": (bool, False), "profile_memory": (bool, True),
     "profile_output": (str, ""),
+    # TensorBoard event files with the metrics.jsonl scalars (MindFormers r1.3+ layout); '' = off.
+    "tensorboard": ({"tensorboard_dir": (str, ""),  # events go to <tensorboard_dir>/<run_id>/
+                     "tensorboard_queue_size": (int, 10, 1)}, {}),  # events buffered before a write
     "callbacks": (_callbacks, []),
     "eval_callbacks": (_callbacks, []),
     # Read by the MindSpore-Lite runner in the reference (export mode); kept for reference YAMLs.
@@ -274,12 +314,20 @@ def _semantic_checks(cfg: dict) -> None:
     lr = cfg["lr_schedule"]
     if lr["total_steps"] == 0:
         raise GLMError("lr_schedule.total_steps: expected -1 (whole run) or a positive number of steps, got 0")
+    if lr["type"] == "linear" and lr["lr_end"]:
+        print(f"warning: lr_schedule.lr_end {lr['lr_end']} has no effect with type linear (it decays to 0, as "
+              "MindFormers' LinearWithWarmUpLR does); use type polynomial for a floor", file=sys.stderr)
     if lr["warmup_ratio"] is not None and lr["warmup_ratio"] > 1:
         raise GLMError(f"lr_schedule.warmup_ratio: expected a fraction in [0, 1], got {lr['warmup_ratio']!r}")
     pet = cfg["model"]["model_config"]["pet_config"]
-    if pet and pet["lora_dropout"] >= 1:
-        raise GLMError(f"model.model_config.pet_config.lora_dropout: expected a probability in [0, 1), "
-                       f"got {pet['lora_dropout']!r}")
+    for key in ("lora_dropout", "dropout_prob"):
+        if pet and pet.get(key, 0) >= 1:
+            raise GLMError(f"model.model_config.pet_config.{key}: expected a probability in [0, 1), "
+                           f"got {pet[key]!r}")
+    arch = cfg["model"]["arch"]["type"]
+    if arch == "ChatGLM2WithPtuning2" and (pet or {}).get("pet_type") != PTUNING_TYPE:
+        raise GLMError("model.arch.type: ChatGLM2WithPtuning2 needs model.model_config.pet_config with "
+                       "pet_type: ptuning2 (and pre_seq_len)")
     if cfg["optimizer"]["learning_rate"] is not None:  # one source of truth for the trainer
         lr["learning_rate"] = cfg["optimizer"]["learning_rate"]
     for name in ("beta1", "beta2"):
@@ -358,6 +406,8 @@ def _set_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
                 continue
             if kind is _model_config:
                 kind = MODEL_CONFIG if part not in IGNORED_MODEL_KEYS | {"max_length"} else {part: (object, None)}
+            elif kind is _pet_config:   # the keys of every pet_type; validation then checks the chosen one
+                kind = {k: v for schema in PET_TYPES.values() for k, v in schema.items()}
             elif kind is _scale_sense:
                 kind = SCALE_SENSE
             if not isinstance(kind, dict):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glm import GLMError
-from glm.data import Record, format_stats, load_adgen
+from glm.data import Record, format_stats, load_data
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
 from glm.tokenizer import GLMTokenizer, load_tokenizer
 
@@ -167,6 +167,8 @@ def build_dataset(section: dict, *, batch_size: int, seq_length: int | None = No
     if version not in (2, 3):
         raise GLMError(f"{lw}.version: expected 2 or 3, got {version!r} (version 1 is the GLM-1 format)")
     columns = _get(loader, "origin_columns", lw, list, ["content", "summary"])
+    fmt = _get(loader, "format", lw, str, "adgen")
+    column_map = _get(loader, "columns", lw, dict, {})
     tok = _get(section, "tokenizer", where, dict, required=True)
     tok_type = _get(tok, "type", f"{where}.tokenizer", str, required=True)
     vocab_file = _get(tok, "vocab_file", f"{where}.tokenizer", str, required=True)
@@ -183,9 +185,10 @@ def build_dataset(section: dict, *, batch_size: int, seq_length: int | None = No
     repeat = _get(section, "repeat", where, int, 1)
 
     tokenizer = load_tokenizer(tok_type, vocab_file)
-    records, samples, stats = load_adgen(
+    records, samples, stats = load_data(
         path, tokenizer, phase=phase, version=version, max_source_length=max_src, max_target_length=max_tgt,
-        origin_columns=columns, ignore_pad_token_for_loss=_get(section, "ignore_pad_token_for_loss", where, bool, True))
+        fmt=fmt, columns=column_map, origin_columns=columns, where=lw,
+        ignore_pad_token_for_loss=_get(section, "ignore_pad_token_for_loss", where, bool, True))
     print(format_stats(stats), flush=True)
 
     data = AdgenDataset(

@@ -50,7 +50,8 @@ def dry_run(cfg: dict, run_mode: str) -> None:
     print(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).rstrip(), flush=True)
     model, lora = build_model_deferred(cfg)
     total, trainable = count_parameters(model), count_parameters(model, True)
-    print(f"\nparameters: {total:,} total, {trainable:,} trainable" + (" (LoRA)" if lora else ""), flush=True)
+    method = {"lora": " (LoRA)", "ptuning2": " (P-Tuning v2 prefix)"}.get((lora or {}).get("pet_type"), "")
+    print(f"\nparameters: {total:,} total, {trainable:,} trainable{method}", flush=True)
     used = load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=run_mode == "finetune",
                             run_mode=run_mode)
     if used:
@@ -76,7 +77,7 @@ def dry_run(cfg: dict, run_mode: str) -> None:
     else:
         print(f"  reference   {data.records[0].answer!r}")
     if name == "train_dataset":
-        from glm.train_eval import eval_settings   # the run's checks: bad best_metric, no eval block, ...
+        from glm.train_eval import eval_settings  # the run's checks: bad best_metric, no eval block, ...
 
         plan = eval_settings(cfg)
         if plan:

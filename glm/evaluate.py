@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from glm import GLMError
 from glm.build import build_model, generation_config, init_process, load_checkpoints
+from glm.chat_format import parse_reply, reply_text
 from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
@@ -61,6 +62,11 @@ def limit_samples(section: dict, n: int) -> int:
 
 def with_prompt_format(section: dict, fmt: str, where: str = "eval_dataset") -> dict:
     """The dataset block with its data_loader.version set to the one that produces prompt format `fmt`."""
+    if data_format(section) == fmt:
+        return section
+    if (section.get("data_loader") or {}).get("format") == "conversations":
+        raise GLMError(f"{where} holds conversations (ChatGLM3's chat template, glm3_chat) but the prompt format "
+                       f"is {fmt}; set prompt_format: glm3_chat or use ADGEN-style data")
     if fmt not in FORMAT_VERSIONS:
         raise GLMError(f"prompt format {fmt} is not available for ADGEN data (data_loader.version "
                        + ", ".join(f"{v} = {f}" for f, v in FORMAT_VERSIONS.items()) + f"); set {where} "
@@ -91,6 +97,8 @@ def generate_and_score(generator: Generator, data, indices: list[int], gen_cfg, 
             prompts = [[int(t) for t in ids_all[i] if t != tok.pad_id] for i in idx]
             outputs = generator.generate(prompts, gen_cfg)
             preds = [tok.decode(o) for o in outputs]
+            if data.stats.get("format") == "conversations":  # "tool\n{args}" or the reply, as the reference
+                preds = [reply_text(*parse_reply(p)) for p in preds]
             records = [data.records[i] for i in idx]
             before = len(metric.per_sample)
             metric.update(preds, [r.answer for r in records], [r.line for r in records])

@@ -45,14 +45,16 @@ class FunctionalStep(nn.Cell):
         super().__init__(auto_prefix=False)   # keep the model's parameter names in the graph
         self.lm = lm
 
-    def _forward(self, input_ids: Tensor, positions: Tensor, kv_cache: Tensor) -> tuple:
+    def _forward(self, input_ids: Tensor, positions: Tensor, kv_cache: Tensor, prefill: bool) -> tuple:
         n, _, b, t, kv, hd = kv_cache.shape
         flat = kv_cache.reshape(n, 2, b * t, kv, hd)
-        hidden, pairs = self.lm.cached_hidden(input_ids, positions, tuple((flat[i, 0], flat[i, 1]) for i in range(n)))
+        hidden, pairs = self.lm.cached_hidden(input_ids, positions, tuple((flat[i, 0], flat[i, 1]) for i in range(n)),
+                                              prefill)
         return hidden, ops.stack([ops.stack(pair) for pair in pairs]).reshape(kv_cache.shape)
 
     def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor, kv_cache: Tensor) -> tuple:
-        hidden, cache = self._forward(input_ids, positions, kv_cache)
+        # P-Tuning v2: the prefill writes the prefix (computed in the graph) into the first cache slots.
+        hidden, cache = self._forward(input_ids, positions, kv_cache, True)
         return self.lm.logits(_take_last(hidden, last_index)), cache
 
 
@@ -60,7 +62,7 @@ class FunctionalDecode(FunctionalStep):
     """Decode form: one new token per row, so no last_index."""
 
     def construct(self, input_ids: Tensor, positions: Tensor, kv_cache: Tensor) -> tuple:
-        hidden, cache = self._forward(input_ids, positions, kv_cache)
+        hidden, cache = self._forward(input_ids, positions, kv_cache, False)
         return self.lm.logits(hidden.reshape(hidden.shape[0], -1)), cache
 
 
@@ -76,7 +78,9 @@ def graph_inputs(mcfg, phase: str, dynamic: bool) -> list:
 
 
 def cache_shape(mcfg) -> tuple:
-    return (mcfg.num_layers, 2, mcfg.batch_size, mcfg.seq_length, mcfg.num_kv_heads, mcfg.head_dim)
+    """P-Tuning v2 models keep their prefix in the first pre_seq_len slots of each row."""
+    return (mcfg.num_layers, 2, mcfg.batch_size, mcfg.seq_length + mcfg.prefix_len, mcfg.num_kv_heads,
+            mcfg.head_dim)
 
 
 def _targets(cfg: dict, out: Path, rank: int) -> dict:
@@ -116,7 +120,8 @@ def export_info(mcfg, paths: dict, dynamic: bool, used: list, out: Path) -> dict
     dt = str(resolve_dtype(mcfg.compute_dtype)).lower()
     cache = list(cache_shape(mcfg))
     s = None if dynamic else t
-    cache_io = _io("kv_cache", cache, dt, "[layer, key|value, row, position, kv group, head dim]; zeros "
+    slot = "position" if not mcfg.prefix_len else f"slot (P-Tuning prefix in 0..{mcfg.prefix_len - 1}, position p at {mcfg.prefix_len} + p)"
+    cache_io = _io("kv_cache", cache, dt, f"[layer, key|value, row, {slot}, kv group, head dim]; zeros "
                    "before the prefill, then the previous call's returned kv_cache")
     logits = _io("logits", [bs, mcfg.padded_vocab_size], "float32", "next-token logits of each row")
 
@@ -129,7 +134,7 @@ def export_info(mcfg, paths: dict, dynamic: bool, used: list, out: Path) -> dict
         "checkpoints": used or [RANDOM_INIT],
         "model": {"num_layers": mcfg.num_layers, "vocab_size": mcfg.padded_vocab_size, "seq_length": t,
                   "batch_size": bs, "eos_token_id": mcfg.eos_token_ids, "pad_token_id": mcfg.pad_token_id,
-                  "compute_dtype": dt},
+                  "compute_dtype": dt, "pre_seq_len": mcfg.prefix_len},
         "graphs": {
             "prefill": {"file": rel(paths["prefill"]), "inputs": [
                 _io("input_ids", [bs, s], "int32", "prompt tokens, right-padded with pad_token_id"),

@@ -66,6 +66,8 @@ class Generator:
         model.set_train(False)
         if use_cache:
             self.step = CachedStep(model)
+            # P-Tuning v2: the prefill also writes the prefix into the cache (a second graph only then).
+            self.prefill = CachedStep(model, prefill=True) if model.prefix_len else self.step
         else:
             self.full = LastLogits(model)
 
@@ -172,7 +174,7 @@ class Generator:
         last = (lengths - 1).astype(np.int32)
         if self.use_cache:
             pos = np.broadcast_to(np.arange(width, dtype=np.int32), (self.rows, width)).copy()
-            return self.step(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(last)).asnumpy()
+            return self.prefill(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(last)).asnumpy()
         return self.full(ms.Tensor(ids), ms.Tensor(last)).asnumpy()
 
     def _next_logits(self, tokens: np.ndarray, lengths: np.ndarray, seqs) -> np.ndarray:

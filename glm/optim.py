@@ -41,6 +41,8 @@ class LRSchedule:
             return self.lr
         decay_steps = max(1, self.total - self.warmup)
         progress = min(1.0, (step - self.warmup) / decay_steps)
+        if self.kind == "linear":   # MindFormers' LinearWithWarmUpLR: down to 0, lr_end not used
+            return self.lr * (1.0 - progress)
         if self.kind == "polynomial":
             return (self.lr - self.lr_end) * (1.0 - progress) ** self.power + self.lr_end
         return self.lr_end + 0.5 * (self.lr - self.lr_end) * (1.0 + math.cos(math.pi * progress))

@@ -1,23 +1,11 @@
-"""Distributed set-up: rank-table validation and communication init (data parallel on CPU).
+"""Distributed set-up: parallel-mode checks and communication init (data parallel on CPU).
 
-MindSpore is imported lazily inside the functions that need it, so the rank-table checks (and the
-``python -m glm.parallel check-rank-table`` command used by ``scripts/run_distribute.sh``) run in a
-fraction of a second and work on machines without MindSpore.
-
-Rank table ("version 1.0", the HCCL format; every value is a string)::
-
-    {"version": "1.0", "server_count": "1",
-     "server_list": [{"server_id": "10.0.0.1", "host_nic_ip": "reserve",
-                      "device": [{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}, ...]}],
-     "status": "completed"}
+MindSpore is imported lazily inside the functions that need it. Rank tables live in glm/rank_table.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from typing import Any
 
 from glm import GLMError
@@ -39,102 +27,6 @@ _CONTEXT_KEYS = ("gradients_mean", "enable_parallel_optimizer", "search_mode", "
 SEMI_AUTO_FULL_BATCH_ERROR = (
     "semi-auto/auto parallel needs parallel.full_batch: True (and dataset_strategy unset or 'full_batch'): "
     "every rank reads the whole batch and MindSpore slices it; per-rank data slices are not supported")
-
-
-# ----------------------------------------------------------------------------------------------
-# rank table
-# ----------------------------------------------------------------------------------------------
-
-def load_rank_table(path: str) -> dict[str, Any]:
-    """Read and validate a rank-table JSON file; raise GLMError naming the file and the problem."""
-    if not os.path.isfile(path):
-        raise GLMError(f"rank table {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise GLMError(f"rank table {path}: cannot read it ({e})") from e
-    except json.JSONDecodeError as e:
-        raise GLMError(f"rank table {path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    validate_rank_table(table, path)
-    return table
-
-
-def _str_int(value: Any, what: str, where: str) -> int:
-    if not isinstance(value, str):
-        raise GLMError(f"rank table {where}: {what} must be a string, got {value!r}")
-    if not value.isdigit():
-        raise GLMError(f"rank table {where}: {what} must be a non-negative integer string, got {value!r}")
-    return int(value)
-
-
-def _require(obj: dict[str, Any], key: str, what: str, where: str) -> Any:
-    if not isinstance(obj, dict) or key not in obj:
-        raise GLMError(f"rank table {where}: {what} has no {key!r}")
-    return obj[key]
-
-
-def validate_rank_table(d: dict[str, Any], where: str = "<rank table>") -> None:
-    """Check the HCCL 1.0 schema and the rank numbering; raise GLMError on the first problem found."""
-    if not isinstance(d, dict):
-        raise GLMError(f"rank table {where}: expected a JSON object, got {type(d).__name__}")
-    version = _require(d, "version", "the table", where)
-    if version != "1.0":
-        raise GLMError(f"rank table {where}: version must be \"1.0\", got {version!r}")
-    status = _require(d, "status", "the table", where)
-    if status != "completed":
-        raise GLMError(f"rank table {where}: status must be \"completed\", got {status!r}")
-    server_count = _str_int(_require(d, "server_count", "the table", where), "server_count", where)
-    servers = _require(d, "server_list", "the table", where)
-    if not isinstance(servers, list) or not servers:
-        raise GLMError(f"rank table {where}: server_list must be a non-empty list")
-    if server_count != len(servers):
-        raise GLMError(f"rank table {where}: server_count is {server_count} but server_list has "
-                       f"{len(servers)} servers")
-
-    rank_owner: dict[int, str] = {}
-    ip_owner: dict[str, str] = {}
-    server_ids: set[str] = set()
-    for s_idx, server in enumerate(servers):
-        sid = _require(server, "server_id", f"server #{s_idx}", where)
-        if not isinstance(sid, str) or not sid:
-            raise GLMError(f"rank table {where}: server #{s_idx} has an empty or non-string server_id")
-        if sid in server_ids:
-            raise GLMError(f"rank table {where}: server_id {sid} appears twice")
-        server_ids.add(sid)
-        devices = _require(server, "device", f"server {sid}", where)
-        if not isinstance(devices, list) or not devices:
-            raise GLMError(f"rank table {where}: server {sid} has an empty device list")
-        device_ids: set[int] = set()
-        for d_idx, dev in enumerate(devices):
-            what = f"server {sid} device #{d_idx}"
-            device_id = _str_int(_require(dev, "device_id", what, where), f"{what} device_id", where)
-            if device_id in device_ids:
-                raise GLMError(f"rank table {where}: device_id {device_id} appears twice on server {sid}")
-            device_ids.add(device_id)
-            ip = _require(dev, "device_ip", what, where)
-            if not isinstance(ip, str) or not ip:
-                raise GLMError(f"rank table {where}: {what} has an empty or non-string device_ip")
-            if ip in ip_owner:
-                raise GLMError(f"rank table {where}: device_ip {ip} appears twice "
-                               f"(servers {ip_owner[ip]} and {sid})")
-            ip_owner[ip] = sid
-            rank = _str_int(_require(dev, "rank_id", what, where), f"{what} rank_id", where)
-            if rank in rank_owner:
-                raise GLMError(f"rank table {where}: rank_id {rank} appears twice "
-                               f"(servers {rank_owner[rank]} and {sid})")
-            rank_owner[rank] = sid
-
-    n = len(rank_owner)
-    missing = sorted(set(range(n)) - set(rank_owner))
-    if missing:
-        raise GLMError(f"rank table {where}: rank_ids must be 0..{n - 1}; missing {missing[:5]}, "
-                       f"found {sorted(set(rank_owner) - set(range(n)))[:5]}")
-
-
-def rank_table_size(d: dict[str, Any]) -> int:
-    """Total number of ranks (devices over all servers) of a validated table."""
-    return sum(len(s["device"]) for s in d["server_list"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +90,7 @@ def semi_auto_context(cfg_parallel: dict[str, Any], parallel_config: dict[str, A
 
     None values (unset in the config) are left to MindSpore's defaults. The strategy file is saved
     per rank (`ckpt_strategy.ckpt` -> `ckpt_strategy_rank_3.ckpt`, as the reference), so the ranks'
-    files do not overwrite each other and tools/transform_ckpt.py can merge their directory.
+    files do not overwrite each other and `glm transform-ckpt` can merge their directory.
     """
     cfg_parallel = cfg_parallel or {}
     kwargs: dict[str, Any] = {k: cfg_parallel[k] for k in _CONTEXT_KEYS if cfg_parallel.get(k) is not None}
@@ -238,7 +130,7 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
         init()
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GLMError(f"distributed init failed: {first} (launch with scripts/run_distribute.sh, "
+        raise GLMError(f"distributed init failed: {first} (launch with glm launch or scripts/run_distribute.sh, "
                        f"or msrun, and check the other ranks' logs)") from e
     rank, world = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
@@ -252,35 +144,3 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
         ms.set_auto_parallel_context(parallel_mode=getattr(ms.ParallelMode, _PARALLEL_MODES[mode]),
                                      device_num=world, **semi_auto_context(cfg_parallel, parallel_config, rank))
     return rank, world
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-def _check_rank_table_cmd(args: argparse.Namespace) -> int:
-    table = load_rank_table(args.file)
-    n = rank_table_size(table)
-    if args.rank_size is not None and n != args.rank_size:
-        raise GLMError(f"rank table {args.file}: it has {n} ranks but RANK_SIZE is {args.rank_size}")
-    print(f"rank table {args.file}: ok ({table['server_count']} server(s), {n} ranks)")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glm.parallel", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check-rank-table", help="validate an HCCL rank-table JSON file")
-    p.add_argument("file")
-    p.add_argument("--rank-size", type=int, default=None, help="expected total number of ranks")
-    p.set_defaults(func=_check_rank_table_cmd)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

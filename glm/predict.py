@@ -14,6 +14,8 @@ from pathlib import Path
 
 from glm import GLMError
 from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
+from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
+from glm.conversations import read_chat_prompts
 from glm.generate import Generator
 from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
 
@@ -84,13 +86,20 @@ def _session(cfg: dict, rows: int, run_mode: str, requested_format: str | None =
 
 
 def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
-    prompts = read_prompts(items)
+    # A ChatGLM3 conversations file: each line answered from its turns before the last assistant turn.
+    chats = read_chat_prompts(items[0]) if len(items) == 1 and _is_file(items[0]) else None
+    prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
     rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
     tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
-    print(f"prompt format: {fmt}", flush=True)
-    encoded = [encode_prompt(tok, fmt, p) for p in prompts]
+    if chats is not None:
+        encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
+    else:
+        print(f"prompt format: {fmt}", flush=True)
+        encoded = [encode_prompt(tok, fmt, p) for p in prompts]
     outputs = generator.generate(encoded, gen)
     results = [{"prompt": p, "response": tok.decode(o), "new_tokens": len(o)} for p, o in zip(prompts, outputs)]
+    for r, c in zip(results, chats or []):
+        r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
     out = Path(cfg.get("output_dir") or "./output")
@@ -101,6 +110,10 @@ def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
     tmp.replace(path)
     print(f"results: {path}", file=sys.stderr)
     return results
+
+
+def _last_asked(messages: list) -> str:
+    return next((m.content for m in reversed(messages) if m.role != "system"), "")
 
 
 class _Printer:

@@ -9,7 +9,8 @@ MindFormers checkpoints, random init) get the data's format (eval) or the model 
 
     raw        [gMASK] sop <text>                              data_loader version 3 (MindFormers v1.0.2)
     glm2       [gMASK] sop [Round 1]\\n\\n问：<text>\\n\\n答：      data_loader version 2; ChatGLM2's chat template
-    glm3_chat  [gMASK] sop <|user|>\\n <text> <|assistant|>     ChatGLM3's chat template (official chat models)
+    glm3_chat  [gMASK] sop <|user|>\\n <text> <|assistant|>     ChatGLM3's chat template (official chat models;
+                                                                data_loader.format: conversations)
 
 `resolve_prompt_format` is the one place that decides; `encode_prompt` the one that encodes.
 """
@@ -40,8 +41,12 @@ def check_format(name: str, where: str = "prompt_format") -> str:
 
 
 def data_format(dataset_section: dict) -> str:
-    """The format a dataset block's samples are in (`data_loader.version`)."""
-    version = (dataset_section.get("data_loader") or {}).get("version", 2)
+    """The format a dataset block's samples are in (`data_loader.format: conversations` is ChatGLM3's chat
+    template; ADGEN pairs follow `data_loader.version`)."""
+    loader = dataset_section.get("data_loader") or {}
+    if loader.get("format") == "conversations":
+        return "glm3_chat"
+    version = loader.get("version", 2)
     fmt = VERSION_FORMATS.get(version)
     if fmt is None:
         raise GLMError(f"data_loader.version: expected one of {sorted(VERSION_FORMATS)}, got {version!r}")

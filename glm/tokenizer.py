@@ -10,7 +10,6 @@ This module must stay importable without MindSpore (tools and the CLI's config c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -19,6 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from glm import GLMError
+from glm.chat_format import chat_prompt_ids, normalize_messages
 
 # A GLM2 history is a list of (query, response) pairs; a GLM3 one a list of {"role", "content", ...} dicts.
 History = Sequence[Union[Sequence[str], dict]]
@@ -179,16 +179,13 @@ class ChatGLM3Tokenizer(GLMTokenizer):
         return [self.role_id(role)] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
 
     def build_chat_input(self, query: str, history: History | None = None, role: str = "user") -> list[int]:
-        """[gMASK] sop, every history message, the new message, then <|assistant|> to prompt the reply."""
-        ids = list(self.prefix)
-        for item in _as_messages(history or []):
-            content = item.get("content", "")
-            if item["role"] == "system" and item.get("tools"):
-                # The reference forgets `import json` here and raises NameError.
-                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-            ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
-        ids += self.build_single_message(role, "", query)
-        return ids + [self.special_tokens["<|assistant|>"]]
+        """[gMASK] sop, every history message, the new message, then <|assistant|> to prompt the reply.
+
+        Built by glm.chat_format (the one GLM3 message builder); a system item's "tools" join its content as
+        ChatGLM3 does (the reference forgets `import json` there and raises NameError).
+        """
+        self.role_id(role)
+        return chat_prompt_ids(self, normalize_messages(_as_messages(history or []) + [{"role": role, "content": query}]))
 
     def build_generation_input(self, query: str, history: History | None = None) -> list[int]:
         return self.build_chat_input(query, history)
@@ -215,7 +212,7 @@ def _as_messages(history: History) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             if "role" not in item:
                 raise GLMError(f"history item {item!r}: missing 'role'")
-            out.append(item)
+            out.append({"content": "", **item})
         elif len(item) == 2:
             out += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
         else:

@@ -11,7 +11,6 @@ dropout masks are a pure function of (seed, rank, call count) (see glm/dropout.p
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -40,6 +39,17 @@ from glm.io import write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule
 from glm.prompt_format import data_format
+from glm.runlog import (
+    LOG_NAME,
+    RunLog,
+    config_hash,
+    header_line,
+    log_to_file,
+    new_run_id,
+    plot_run,
+    terminal,
+    write_to_log,
+)
 from glm.runtime import ms
 from glm.train_eval import TrainEvaluator, eval_settings
 from glm.train_step import LossScale, TrainStep
@@ -95,6 +105,7 @@ class Trainer:
             reducer = ms.nn.DistributedGradReducer(params, mean=True, degree=self.proc.world)
         self.step_fn = TrainStep(self.model, self.optimizer, clip, self.loss_scale, self.accumulate, reducer)
         self.global_step, self.start_epoch, self.skip = 0, 0, 0
+        self.run_id = new_run_id()
         self.last_checkpoint: Optional[Path] = None
         self.prompt_format = data_format(dataset_section(cfg, "train_dataset"))
         settings = eval_settings(cfg)
@@ -196,9 +207,9 @@ class Trainer:
               f"{'; lr_schedule.total_steps' if sched.total != stop_at else ''}), warmup {sched.warmup}, "
               f"peak {sched.lr:g}", flush=True)
         log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
-        log = open(self.out / log_name, "a", encoding="utf-8")   # noqa: SIM115 (closed in finally)
+        log = RunLog(self.cfg, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
         bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
-                   dynamic_ncols=True, desc=self.run_mode)
+                   dynamic_ncols=True, desc=self.run_mode, file=terminal(sys.stderr))
         seq = self.model.config.seq_length
         first_loss = last_loss = None
         tokens_since, t_steady = 0, None
@@ -231,15 +242,17 @@ class Trainer:
                            "tokens_per_s": round(ntok / dt, 1)}
                     if self.loss_scale:
                         rec["loss_scale"] = float(self.loss_scale.scaler.scale_value.asnumpy())
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                    log.metrics(rec)
                     self._check_finite(loss, finite, norm)   # after logging: the bad step is in the log
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
-                    if bar.disable and self.proc.is_main and (self.global_step % self.log_interval == 0
-                                                              or self.global_step == 1):
-                        print(f"step {self.global_step}/{stop_at} epoch {epoch + 1} loss {loss:.4f} lr {lr:.3e} "
-                              f"grad_norm {norm:.3f} {ntok / dt:.0f} tok/s", flush=True)
+                    if self.proc.is_main and (self.global_step % self.log_interval == 0 or self.global_step == 1):
+                        line = (f"step {self.global_step}/{stop_at} epoch {epoch + 1} loss {loss:.4f} lr {lr:.3e} "
+                                f"grad_norm {norm:.3f} {ntok / dt:.0f} tok/s")
+                        if bar.disable:
+                            print(line, flush=True)
+                        else:   # the terminal has the bar; the log file gets the line
+                            write_to_log(line)
                     epoch_end = step_in_epoch + 1 == self.steps_per_epoch
                     if self.evaluator and self.evaluator.due(self.global_step, epoch_end, epoch):
                         self.evaluator.run(self.global_step, epoch, log)
@@ -258,13 +271,25 @@ class Trainer:
         summary = {"run_mode": self.run_mode, "steps": self.global_step, "first_loss": first_loss,
                    "final_loss": last_loss, "steady_tokens_per_s": round(tokens_since / t_steady, 1) if t_steady else None,
                    "peak_rss_mb": round(peak_rss_mb(), 1), "last_checkpoint": str(self.last_checkpoint or ""),
-                   "parameters": total, "trainable_parameters": trainable}
+                   "parameters": total, "trainable_parameters": trainable, **log.stamp}
         summary["weights"] = str(self._save_weights())
         if self.proc.is_main:
+            summary["plots"] = self._plot()
             write_json_atomic(summary, self.out / "train_summary.json")
-        print(f"done: {self.global_step} steps, loss {first_loss} -> {last_loss}; weights: {summary['weights']}",
-              flush=True)
+        losses = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
+        print(f"done: {self.global_step} steps, loss {losses}; weights: {summary['weights']}", flush=True)
         return summary
+
+    def _plot(self) -> list[str]:
+        if not (self.cfg.get("runner_config") or {}).get("plot_curves", True):
+            return []
+        try:
+            files = plot_run(self.out)
+        except Exception as e:   # the curves are a convenience: never fail a finished run over them
+            print(f"warning: could not draw the curves under {self.out / 'plots'}: {e}", file=sys.stderr)
+            return []
+        print(f"curves: {self.out / 'plots'}/ ({', '.join(f.name for f in files)})", flush=True)
+        return [str(f) for f in files]
 
     def _batches(self, epoch: int, skip_batches: int):
         it = self.data.for_epoch(epoch, skip_batches).create_tuple_iterator(num_epochs=1, output_numpy=True)
@@ -293,9 +318,10 @@ class Trainer:
         rng = {"seed": self.cfg.get("seed", 0), "rank": self.proc.rank,
                "dropout_counter": self.dropout_rng.value() if self.dropout_rng else None}
         return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0), "rng": rng,
-                "lora": self.lora, "base_checkpoint": self.base_checkpoint if self.lora else None,
-                "prompt_format": self.prompt_format, "rank": self.proc.rank, "world": self.proc.world,
-                "config": self.cfg, **extra}
+                # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
+                "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
+                "base_checkpoint": self.base_checkpoint if self.lora else None, "prompt_format": self.prompt_format,
+                "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
 
     def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
         directory = rank_dir(self.out, self.proc.rank)
@@ -307,7 +333,8 @@ class Trainer:
         prune(directory, self.keep)
 
     def _save_weights(self, tag: Optional[str] = None, **extra) -> Path:
-        """Weights-only file for eval/predict/merging: the whole model, or just the adapter for LoRA."""
+        """Weights-only file for eval/predict/merging: the whole model, or just the adapter (LoRA factors
+        or the P-Tuning v2 prefix encoder)."""
         kind = "adapter" if self.lora else "network"
         path = rank_dir(self.out, self.proc.rank, "checkpoint_network") / \
             f"{self.prefix}_rank_{self.proc.rank}-{tag or kind}.ckpt"
@@ -331,9 +358,16 @@ def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Opti
 
 
 def run_train(cfg: dict, run_mode: str, resume=None) -> dict:
-    trainer = Trainer(cfg, run_mode)
-    trainer.resume(resume if resume is not None else cfg.get("resume_training"))
-    return trainer.train()
+    # One process: its output goes to output_dir/log/glm.log too (ranks of a distributed job are logged
+    # to log/rank_k/glm.log by their launcher).
+    out = Path(cfg.get("output_dir") or "./output")
+    run_id = new_run_id()
+    log_file = None if cfg.get("use_parallel") else out / LOG_NAME
+    with log_to_file(log_file, header_line(run_id, config_hash(cfg), run_mode)):
+        trainer = Trainer(cfg, run_mode)
+        trainer.run_id = run_id
+        trainer.resume(resume if resume is not None else cfg.get("resume_training"))
+        return trainer.train()
 
 
 __all__ = ["Trainer", "run_train", "list_checkpoints"]

@@ -179,15 +179,14 @@ class TrainEvaluator:
             if self.proc.is_main:
                 write_json_atomic({**best, "epoch": epoch + 1, "checkpoint": str(path), "eval": rec},
                                   self.out / BEST_FILE)
-        rec.update(is_best=improved, best_step=self.state.step, best_score=self.state.score,
-                   evals_without_improvement=self.state.bad_evals)
+        rec.update(is_best=improved, best={"step": self.state.step, "score": self.state.score,
+                                           "evals_without_improvement": self.state.bad_evals})
         if self.proc.is_main:
+            if metrics_log is not None:   # glm.runlog.RunLog: metrics.jsonl (+ TensorBoard), stamped with the run id
+                rec = metrics_log.metrics(rec, prefix="eval")
             with open(self.out / EVAL_LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            if metrics_log is not None:
-                metrics_log.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                metrics_log.flush()
-            tqdm.write(self._line(rec))
+            tqdm.write(self._line(rec))   # above the progress bar; the log file gets it too
         return rec
 
     def _line(self, rec: dict) -> str:

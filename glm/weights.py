@@ -9,7 +9,7 @@ Everything here works on plain `dict[str, np.ndarray]` state dicts named in one 
                  and are fused by row concatenation into `query_key_value`.
 
 dtypes are preserved (fp16 stays fp16, so HF -> MindSpore -> HF is bit-exact). bfloat16 is kept as
-MindSpore's numpy `bfloat16` dtype (registered when mindspore is imported); `tools/convert_weight.py` stores
+MindSpore's numpy `bfloat16` dtype (registered when mindspore is imported); `glm convert` stores
 it as float32 in MindSpore checkpoints unless `--dtype bfloat16` is given, because CPU has no bf16 kernels.
 LoRA tensors (`...lora_a` / `...lora_b`) and any other unknown names pass through untouched.
 """

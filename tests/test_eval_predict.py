@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from cli_utils import FAST, REPO, TINY2, run_glm
+from cli_utils import REPO, TINY2, run_glm
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,12 @@ def jsonl(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A 30-step fine-tune of the tiny GLM2 from random weights (loss ~7.5 -> ~3)."""
-    out = tmp_path_factory.mktemp("finetune")
-    run_glm("--config", TINY2, "--run_mode", "finetune", "--load_checkpoint", "random", "--output_dir", str(out),
-            "--max_steps", str(STEPS), *FAST, "callbacks.CheckpointMonitor.save_checkpoint_steps=1000")
-    ckpt = out / "checkpoint_network" / "rank_0" / "glm2-tiny_rank_0-network.ckpt"
-    assert ckpt.is_file()
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def trained(tiny_trained) -> dict:
+    """A 30-step fine-tune of the tiny GLM2 from random weights (loss ~7.5 -> ~3): the shared session run."""
+    assert tiny_trained.weights.is_file()
+    losses = tiny_trained.losses
     assert len(losses) == STEPS and losses[-1] < losses[0] - 2
-    return {"ckpt": str(ckpt), "losses": losses}
+    return {"ckpt": str(tiny_trained.weights), "losses": losses}
 
 
 class Oracle:

@@ -1,5 +1,5 @@
 """glm.parallel: CPU refusal of model/pipeline parallel, the semi-auto pass-through (mocked: it needs
-Ascend/GPU), the trainer's data-parallel plan, and tools/transform_ckpt.py."""
+Ascend/GPU), the trainer's data-parallel plan, and glm/transform_ckpt.py (through its old path tools/transform_ckpt.py)."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def test_dp_merge_refuses_different_parameter_sets(tmp_path: Path, capsys: pytes
     other = _params(0)
     other.pop("layers.0.dense.bias")
     _save(src / "rank_1" / "a.ckpt", other)
-    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "different parameter set" in err and "layers.0.dense.bias" in err and "\n" not in err
     assert not (tmp_path / "o" / "rank_0" / "checkpoint_0.ckpt").exists()
@@ -242,7 +242,7 @@ def test_dp_merge_refuses_different_shapes(tmp_path: Path, capsys: pytest.Captur
     other = _params(0)
     other["embedding.weight"] = other["embedding.weight"][:4]
     _save(src / "rank_1" / "a.ckpt", other)
-    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     assert "parameter embedding.weight is ((4, 4)" in capsys.readouterr().err
 
 
@@ -262,14 +262,14 @@ def test_layout_errors(tmp_path: Path, capsys: pytest.CaptureFixture, layout, me
                 target.mkdir(parents=True)
             else:
                 _save(target, _params(0))
-    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+    assert transform_ckpt.main(["--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
 
 def test_missing_strategy_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert transform_ckpt.main(["--src_ckpt_strategy", str(tmp_path / "nope.ckpt"), "--src_ckpt_dir",
-                                str(tmp_path), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+                                str(tmp_path), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     assert "--src_ckpt_strategy" in capsys.readouterr().err
 
 
@@ -339,7 +339,7 @@ def test_no_source_strategy_never_calls_transform(tmp_path: Path, ms_transform: 
     src, strategy = _sharded(tmp_path), tmp_path / "s.ckpt"
     strategy.write_bytes(b"s")
     assert transform_ckpt.main(["--src_ckpt_strategy", "None", "--dst_ckpt_strategy", str(strategy),
-                                "--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 1
+                                "--src_ckpt_dir", str(src), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     assert "slicing a complete checkpoint needs --src_ckpt_strategy" in capsys.readouterr().err
     assert ms_transform == {"merge": [], "transform": []}
 
@@ -369,7 +369,7 @@ def test_training_state_checkpoints_are_refused(tmp_path: Path, ms_transform: di
     if strategy:
         (tmp_path / "output" / "strategy").mkdir()
         argv += ["--src_ckpt_strategy", str(tmp_path / "output" / "strategy")]
-    assert transform_ckpt.main(argv) == 1
+    assert transform_ckpt.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "glm_rank_0-1_4.ckpt is a training-state checkpoint" in err and len(err.splitlines()) == 1
     assert f"--src_ckpt_dir {tmp_path / 'output' / 'checkpoint_network'}" in err

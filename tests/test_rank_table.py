@@ -1,4 +1,4 @@
-"""Rank tables: tools/hccl_tools.py, tools/merge_hccl.py and glm.parallel validation."""
+"""Rank tables: `glm rank-table` / `glm merge-rank-tables` (through their old tools/*.py paths) and glm.rank_table."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 
 from glm import GLMError
-from glm.parallel import load_rank_table, validate_rank_table
-from glm.parallel import main as parallel_main
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.hccl_tools import parse_device_range  # noqa: E402
+from glm.cli import call
+from glm.rank_table import load_rank_table, parse_device_range, validate_rank_table
 
 REPO = Path(__file__).resolve().parents[1]
 HCCL_TOOLS = REPO / "tools" / "hccl_tools.py"
@@ -84,7 +81,7 @@ def test_hccl_tools_multi_digit_range(tmp_path: Path) -> None:
 ])
 def test_hccl_tools_bad_range(tmp_path: Path, device_num: str, message: str) -> None:
     r = run_tool(HCCL_TOOLS, "--device_num", device_num, "--device_ips", ips(1, 8), cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -138,14 +135,14 @@ def test_hccl_tools_falls_back_to_hccn_conf(tmp_path: Path) -> None:
 
 def test_hccl_tools_wrong_number_of_ips(tmp_path: Path) -> None:
     r = run_tool(HCCL_TOOLS, "--device_num", "[0,8)", "--device_ips", ips(1, 7), cwd=tmp_path)
-    assert r.returncode == 1 and "7 IPs for 8 devices" in r.stderr
+    assert r.returncode == 2 and "7 IPs for 8 devices" in r.stderr
 
 
 def test_hccl_tools_without_hccn_tool(tmp_path: Path) -> None:
     env = dict(os.environ, PATH=str(tmp_path))  # no hccn_tool on PATH
     r = run_tool(HCCL_TOOLS, "--device_num", "[0,8)", "--hccn_conf", str(tmp_path / "missing.conf"),
                  cwd=tmp_path, env=env)
-    assert r.returncode == 1
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "--device_ips" in lines[0] and "hccn_tool" in lines[0]
@@ -178,7 +175,7 @@ def test_merge_two_servers_renumbers(tmp_path: Path) -> None:
 def test_merge_refuses_duplicate_server(tmp_path: Path) -> None:
     a = make_table(tmp_path, "10.0.0.1", 8, 1)
     r = run_tool(MERGE_HCCL, str(a), str(a), cwd=tmp_path)
-    assert r.returncode == 1 and "appears twice" in r.stderr
+    assert r.returncode == 2 and "appears twice" in r.stderr
 
 
 def _two_servers() -> dict:
@@ -221,9 +218,9 @@ def test_valid_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     validate_rank_table(_two_servers(), "rt.json")
     path = tmp_path / "rt.json"
     path.write_text(json.dumps(_two_servers()))
-    assert parallel_main(["check-rank-table", str(path), "--rank-size", "4"]) == 0
-    assert parallel_main(["check-rank-table", str(path), "--rank-size", "8"]) == 1
+    assert call(["rank-table", "--check", str(path), "--rank_size", "4"]) == 0
+    assert call(["rank-table", "--check", str(path), "--rank_size", "8"]) == 2
     assert "4 ranks but RANK_SIZE is 8" in capsys.readouterr().err
     path.write_text("{not json")
-    assert parallel_main(["check-rank-table", str(path)]) == 1
+    assert call(["rank-table", "--check", str(path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err

@@ -75,11 +75,9 @@ def plant_partials(directory):
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """8 uninterrupted steps, checkpoints every 2 steps, keep 3."""
-    out = tmp_path_factory.mktemp("base")
-    finetune(out, "--max_steps", "8", "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "callbacks.CheckpointMonitor.keep_checkpoint_max=3")
-    return out
+def base_run(tiny_run):
+    """8 uninterrupted steps, checkpoints every 2 steps, keep 3 (the shared session run: read-only)."""
+    return tiny_run.out
 
 
 def test_loss_falls_and_checkpoints_are_rotated(base_run):
@@ -161,16 +159,13 @@ def test_gradient_accumulation_2xB_equals_batch_2B(tmp_path):
     assert max_diff(final_weights(a), final_weights(b)) <= 1e-6
 
 
-def test_lora_trains_only_adapters_and_merge_matches(base_run, tmp_path):
-    out = tmp_path / "lora"
-    base = next((base_run / "checkpoint_network" / "rank_0").glob("*-network.ckpt"))
-    proc = run_glm("--config", TINY2_LORA, "--run_mode", "finetune", "--load_checkpoint", str(base),
-                   "--output_dir", str(out), *FAST, "--max_steps", "4")
-    summary = json.loads((out / "train_summary.json").read_text())
+def test_lora_trains_only_adapters_and_merge_matches(tiny_lora, tmp_path):
+    """tiny_lora: 4 LoRA steps on the 8-step run's weights (shared session run)."""
+    summary = tiny_lora.summary
     # rank 8 on the fused qkv of 2 layers: 2 * 8 * (128 + 256)
     assert summary["trainable_parameters"] == 2 * 8 * (128 + 2 * 128)
-    assert "6,144 trainable" in proc.stdout
-    adapter = next((out / "checkpoint_network" / "rank_0").glob("*-adapter.ckpt"))
+    assert "6,144 trainable" in tiny_lora.log
+    adapter = tiny_lora.weights
     saved = read_ckpt(adapter)
     assert sorted(saved) == sorted(f"transformer.encoder.layers.{i}.self_attention.query_key_value.lora_{x}"
                                    for i in range(2) for x in "ab")

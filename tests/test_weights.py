@@ -1,4 +1,4 @@
-"""Weight conversion HF <-> MindSpore and loading into the model (glm/weights.py, tools/convert_weight.py)."""
+"""Weight conversion HF <-> MindSpore and loading into the model (glm/weights.py, glm/convert.py through its old path tools/convert_weight.py)."""
 
 from __future__ import annotations
 
@@ -250,17 +250,17 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     r = run_tool("--input_path", tmp_path / "missing", "--output_path", tmp_path / "o.ckpt")   # the real CLI
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == f"error: {tmp_path / 'missing'}: no such file or folder\n"
     cases = [(["--input_path", tmp_path / "empty"], "no *.safetensors or pytorch_model*.bin", "empty"),
              (["--input_path", tmp_path / "corrupt"], "not a readable safetensors file", "corrupt"),
              (["--reversed", "--input_path", tmp_path / "gone.ckpt"], "no such file or folder", "gone.ckpt")]
     for args, msg, name in cases:
         rc, _, err = tool_main(capsys, *args, "--output_path", tmp_path / "o.ckpt")
-        assert rc == 1 and msg in err and name in err and "Traceback" not in err
+        assert rc == 2 and msg in err and name in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
     rc, _, err = tool_main(capsys, "--input_path", tmp_path / "empty", "--output_path", tmp_path / "o.bin")
-    assert rc == 1 and "expected a .ckpt or .safetensors file name" in err
+    assert rc == 2 and "expected a .ckpt or .safetensors file name" in err
 
 
 def test_corrupt_ckpt_and_failed_write_leave_no_debris(tmp_path, monkeypatch):

@@ -1,112 +1,19 @@
-"""Convert ChatGLM2/3 weights between HF and MindSpore.
-
-HF -> MindSpore (a folder of *.safetensors or pytorch_model*.bin, ChatGLM or transformers GlmForCausalLM names):
-    python tools/convert_weight.py --torch_ckpt_dir chatglm3-6b/ --mindspore_ckpt_path glm3_6b.ckpt
-MindSpore -> HF (ChatGLM names by default; --layout glm_hf for transformers GlmForCausalLM):
-    python tools/convert_weight.py --reversed --input_path glm3_6b.ckpt --output_path hf_out/
-
-The output file type follows the extension (.ckpt or .safetensors). dtypes are kept, except that bfloat16
-becomes float32 in MindSpore checkpoints (MindSpore has no bf16 kernels on CPU); --dtype overrides both.
-"""
+#!/usr/bin/env python
+"""Kept for old scripts: `python tools/convert_weight.py ARGS` is `glm convert ARGS` (see `glm convert --help`)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
-import time
-from pathlib import Path
 
-try:
-    import glm  # noqa: F401
-except ImportError:   # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout, not installed
 
-from glm import GLMError  # noqa: E402
-
-DTYPES = ("float32", "float16", "bfloat16")
+from glm.cli import call  # noqa: E402
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
-    if not m:
-        raise GLMError(f"--max_shard_size: expected a size like 5GB or 500MB, got {text!r}")
-    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
-    return int(float(m.group(1)) * unit)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_path", "--torch_ckpt_dir", dest="input_path", required=True,
-                   help="HF folder/file (default direction) or MindSpore .ckpt/.safetensors (--reversed)")
-    p.add_argument("--output_path", "--mindspore_ckpt_path", dest="output_path", required=True,
-                   help="MindSpore .ckpt/.safetensors file, or the HF output folder with --reversed")
-    p.add_argument("--reversed", action="store_true", help="MindSpore -> HF safetensors folder")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="cast every floating tensor to this dtype (default: keep; bf16 -> float32 for MindSpore)")
-    p.add_argument("--layout", choices=("chatglm_hf", "glm_hf"), default="chatglm_hf",
-                   help="names of the HF output with --reversed (default chatglm_hf)")
-    p.add_argument("--max_shard_size", default="5GB", help="HF output shard size with --reversed (default 5GB)")
-    return p
-
-
-def cast(state: dict, dtype: str | None, to_mindspore: bool) -> dict:
-    """Cast floating tensors to `dtype`; with no dtype, only bf16 -> fp32 for MindSpore outputs."""
-    import numpy as np
-
-    out = {}
-    for name, value in state.items():
-        is_float = value.dtype.kind == "f" or value.dtype.name == "bfloat16"   # numpy bf16 is kind 'V'
-        target = dtype or ("float32" if to_mindspore and value.dtype.name == "bfloat16" else None)
-        if is_float and target and value.dtype.name != target:
-            value = value.astype(np.dtype(target))   # "bfloat16" is registered by mindspore
-        out[name] = value
-    return out
-
-
-def convert(args: argparse.Namespace) -> dict:
-    from glm import weights
-
-    t0 = time.time()
-    src, dst = Path(args.input_path), Path(args.output_path)
-    if args.reversed:
-        state = weights.read_weights(src)
-        state = weights.ms_to_hf(cast(state, args.dtype, False), layout=args.layout)
-        weights.write_hf_safetensors(state, dst, shard_size=parse_size(args.max_shard_size))
-    else:
-        if dst.suffix not in (".ckpt", ".safetensors"):
-            raise GLMError(f"--output_path {dst}: expected a .ckpt or .safetensors file name")
-        state = weights.hf_to_ms(weights.read_hf_folder(src))
-        state = cast(state, args.dtype, True)
-        weights.write_ms_checkpoint(state, dst)
-    dtypes = sorted({v.dtype.name for v in state.values()})
-    return {"tensors": len(state), "params": int(sum(v.size for v in state.values())),
-            "bytes": int(sum(v.nbytes for v in state.values())), "dtypes": dtypes,
-            "seconds": time.time() - t0, "src": str(src), "dst": str(dst)}
-
-
-def main(argv: list | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        s = convert(args)
-    except GLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("error: out of memory while converting (the whole model is held in RAM)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:   # keep the one-line contract for the unforeseen too
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(f"converted {s['tensors']} tensors ({s['params']:,} parameters, {s['bytes'] / 1e6:,.1f} MB, "
-          f"{'/'.join(s['dtypes'])}) {s['src']} -> {s['dst']} in {s['seconds']:.1f} s")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return call(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("GLOG_v", "3")
     sys.exit(main())

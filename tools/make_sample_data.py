@@ -1,10 +1,18 @@
-"""Write the small ADGEN-format sample set shipped in data/sample (original text, written for this project).
+"""Write the small sample sets shipped in data/sample (original text, written for this project).
 
 ADGEN itself is research data and is never copied here. These lines come from an attribute vocabulary and
 hand-written sentence templates, so every summary is a function of its content attributes (plus a seeded
 choice of phrasing) and a tiny model can learn the mapping.
 
-Regenerate (deterministic):
+chat_train.json / chat_dev.json are ChatGLM3 conversations (format: conversations) over the same vocabulary, so
+the shipped tiny tokenizer (trained on train.json + dev.json only) encodes them with its own pieces; the tool
+name, JSON punctuation and system line are ASCII (one byte-fallback token a character). Three kinds of lines:
+a single request, two rounds where the second changes one attribute of the first item, and a tool call
+(the system turn carries the tools; the assistant calls `find_item` with the user's attributes as JSON
+arguments, the observation returns more attributes, and the reply describes them all). Replies are a
+deterministic function of the attributes, so a model can answer unseen requests exactly.
+
+Regenerate (deterministic; the chat files use their own random stream, so the ADGEN files do not change):
     python tools/make_sample_data.py --out data/sample --train 300 --dev 40 --seed 1234
 """
 
@@ -68,12 +76,74 @@ def make_line(rng: random.Random) -> dict:
     return {"content": content, "summary": summary}
 
 
+# ---------------------------------------------------------------- chat sample (format: conversations)
+CHAT_SYSTEM = "Shop assistant."
+CHAT_TOOLS = [{"name": "find_item", "parameters": {"类型": "string", "颜色": "string"}}]
+CHAT_CLOSER = "，是衣橱里的必备单品。"
+PART_KEYS = {k: key for k, values in KINDS.items() for key in values}
+
+
+def chat_reply(attrs: list[tuple[str, str]]) -> str:
+    kind = attrs[0][1]
+    phrases = [PART_TXT[v] if k not in PARTS else PARTS[k][v] for k, v in attrs[1:]]
+    return OPENERS[kind][0] + "，" + "，".join(phrases) + CHAT_CLOSER
+
+
+def chat_attrs(rng: random.Random) -> list[tuple[str, str]]:
+    kind = rng.choice(sorted(KINDS))
+    key = rng.choice(sorted(KINDS[kind]))
+    return [("类型", kind), (key, rng.choice(KINDS[kind][key])), ("颜色", rng.choice(COLORS))]
+
+
+def as_content(attrs: list[tuple[str, str]]) -> str:
+    return "*".join(f"{k}#{v}" for k, v in attrs)
+
+
+def find_item(kind: str, color: str) -> list[tuple[str, str]]:
+    """The shop's "inventory": a fixed function of (类型, 颜色), as a real lookup would be."""
+    k, c = sorted(KINDS).index(kind), COLORS.index(color)
+    key = sorted(KINDS[kind])[c % 2]
+    values = KINDS[kind][key]
+    return [(key, values[(c + k) % len(values)]), ("材质", MATERIALS[(3 * c + k) % len(MATERIALS)]),
+            ("图案", PATTERNS[(c + 2 * k) % len(PATTERNS)])]
+
+
+def make_chat_line(rng: random.Random) -> dict:
+    attrs = chat_attrs(rng)
+    kind = rng.choice(["single", "rounds", "tool", "tool"])
+    if kind == "single":
+        return {"conversations": [{"role": "user", "content": as_content(attrs)},
+                                  {"role": "assistant", "content": chat_reply(attrs)}]}
+    if kind == "rounds":
+        key, values = rng.choice([("颜色", COLORS), ("材质", MATERIALS), ("图案", PATTERNS)])
+        change = (key, rng.choice([v for v in values if (key, v) not in attrs]))
+        second = [a for a in attrs if a[0] != key] + [change]
+        first_turn = {"role": "assistant", "content": chat_reply(attrs)}
+        if rng.random() < 0.2:
+            first_turn["loss"] = False  # kept as context, not trained on
+        return {"conversations": [{"role": "user", "content": as_content(attrs)}, first_turn,
+                                  {"role": "user", "content": as_content([change])},
+                                  {"role": "assistant", "content": chat_reply(second)}]}
+    asked = [attrs[0], attrs[2]]  # the tool is asked by 类型 and 颜色 ...
+    found = find_item(attrs[0][1], attrs[2][1])  # ... and returns the rest
+    return {"tools": CHAT_TOOLS,
+            "conversations": [
+                {"role": "system", "content": CHAT_SYSTEM},
+                {"role": "user", "content": as_content(asked)},
+                {"role": "assistant", "metadata": "find_item",
+                 "content": json.dumps(dict(asked), ensure_ascii=False)},
+                {"role": "observation", "content": json.dumps(dict(found), ensure_ascii=False)},
+                {"role": "assistant", "content": chat_reply([attrs[0], *found, attrs[2]])}]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/sample")
     ap.add_argument("--train", type=int, default=300)
     ap.add_argument("--dev", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--chat-train", type=int, default=160)
+    ap.add_argument("--chat-dev", type=int, default=24)
     args = ap.parse_args()
     rng = random.Random(args.seed)
     out = Path(args.out)
@@ -82,6 +152,11 @@ def main() -> None:
         lines = [json.dumps(make_line(rng), ensure_ascii=False) for _ in range(n)]
         (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"wrote {n} lines to {out / name}")
+    chat_rng = random.Random(args.seed + 1)
+    for name, n in (("chat_train.json", args.chat_train), ("chat_dev.json", args.chat_dev)):
+        lines = [json.dumps(make_chat_line(chat_rng), ensure_ascii=False) for _ in range(n)]
+        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {n} conversations to {out / name}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,43 @@ from typing import Any, Optional
 
 from glm import GLMError
 
+# P-Tuning v2 settings live here, free of MindSpore, so that reading a config never imports it;
+# the prefix encoder itself is glm/model/ptuning.py.
+PET_TYPE = "ptuning2"
+
+
+@dataclass(frozen=True)
+class PTuningSettings:
+    """`model.model_config.pet_config` with `pet_type: ptuning2`; the defaults are MindFormers' Ptuning2Config."""
+
+    pre_seq_len: int = 128          # prefix rows per layer (key/value cache slots before the prompt)
+    prefix_projection: bool = False  # reparameterise the prefix through a 2-layer tanh MLP
+    projection_dim: int = 128       # that MLP's hidden width (used only with prefix_projection)
+    dropout_prob: float = 0.01      # dropout on the prefix keys/values, training only
+
+    def to_dict(self) -> dict:
+        return {"pet_type": PET_TYPE, **dataclasses.asdict(self)}
+
+
+DEFAULTS = PTuningSettings()
+
+
+def ptuning_settings(pet_config: Optional[dict], where: str = "model.model_config.pet_config"
+                     ) -> Optional[PTuningSettings]:
+    """The P-Tuning v2 settings of a pet_config mapping, or None when it is absent or another method."""
+    if not pet_config or pet_config.get("pet_type") != PET_TYPE:
+        return None
+    known = {f.name for f in dataclasses.fields(PTuningSettings)}
+    values = {k: v for k, v in pet_config.items() if k in known and v is not None}
+    s = PTuningSettings(**values)
+    for key in ("pre_seq_len", "projection_dim"):
+        v = getattr(s, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GLMError(f"{where}.{key}: expected a positive integer, got {v!r}")
+    if not 0.0 <= float(s.dropout_prob) < 1.0:
+        raise GLMError(f"{where}.dropout_prob: expected a probability in [0, 1), got {s.dropout_prob!r}")
+    return s
+
 
 @dataclass
 class GLMConfig:
@@ -52,6 +89,8 @@ class GLMConfig:
     fp32_residual_connection: bool = False
     bias_dropout_fusion: bool = True
     quantization_bit: int = 0
+    # P-Tuning v2 is configured in pet_config (pet_type: ptuning2), as MindFormers does; these two
+    # model-level keys may only repeat its values (see `prefix_len`).
     pre_seq_len: Optional[int] = None
     prefix_projection: bool = False
     checkpoint_name_or_path: str = ""
@@ -72,6 +111,17 @@ class GLMConfig:
     @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def ptuning(self):
+        """The P-Tuning v2 settings (PTuningSettings), or None."""
+        return ptuning_settings(self.pet_config)
+
+    @property
+    def prefix_len(self) -> int:
+        """Key/value prefix rows per layer (P-Tuning v2's pre_seq_len), 0 without P-Tuning."""
+        p = self.ptuning
+        return p.pre_seq_len if p else 0
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model.model_config") -> GLMConfig:
@@ -127,9 +177,27 @@ class GLMConfig:
             raise GLMError(f"{where}.rmsnorm: only RMSNorm (True) is supported by ChatGLM2/3")
         if self.apply_residual_connection_post_layernorm:
             raise GLMError(f"{where}.apply_residual_connection_post_layernorm: ChatGLM2/3 use False")
+        self._check_prefix_keys(where)
         if not 0 <= self.pad_token_id < self.padded_vocab_size:
             raise GLMError(f"{where}.pad_token_id: {self.pad_token_id} is outside the vocabulary "
                            f"(padded_vocab_size {self.padded_vocab_size})")
+
+    def _check_prefix_keys(self, where: str) -> None:
+        """model_config.pre_seq_len / prefix_projection alone would be silently ignored: they must go with
+        pet_config.pet_type ptuning2 (which MindFormers reads) and agree with it."""
+        p = self.ptuning
+        if p is None:
+            if self.pre_seq_len is not None or self.prefix_projection:
+                key = "pre_seq_len" if self.pre_seq_len is not None else "prefix_projection"
+                raise GLMError(f"{where}.{key}: P-Tuning v2 is set in {where}.pet_config: {{pet_type: ptuning2, "
+                               f"pre_seq_len: N, prefix_projection: ...}}; without it {key} would be ignored")
+            return
+        if self.pre_seq_len is not None and self.pre_seq_len != p.pre_seq_len:
+            raise GLMError(f"{where}.pre_seq_len: {self.pre_seq_len} but {where}.pet_config.pre_seq_len is "
+                           f"{p.pre_seq_len}; make them equal (or drop the model-level key)")
+        if self.prefix_projection and not p.prefix_projection:
+            raise GLMError(f"{where}.prefix_projection: True but {where}.pet_config.prefix_projection is False; "
+                           "P-Tuning v2 reads pet_config (set it there)")
 
     @property
     def eos_token_ids(self) -> list:

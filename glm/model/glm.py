@@ -16,6 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from glm.model.config import GLMConfig
 from glm.model.layers import NEG_INF, GLMBlock, Linear, RMSNorm, rope_table
+from glm.model.ptuning import PrefixEncoder, freeze_all_but_prefix
 from glm.runtime import ms, resolve_dtype
 
 
@@ -36,17 +37,24 @@ class Encoder(nn.Cell):
                                    for _ in range(cfg.num_layers)])
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, ms.float32, norm_dtype)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None,
+                  prefix=None):
         """`past`, when given, is an explicit cache: one (keys, values) pair of [B*max_len, kv, hd] tensors
         per layer. The updated pairs are returned next to the hidden states (exported graphs and
-        multi-step decoding thread the cache through instead of writing the cache Parameters)."""
+        multi-step decoding thread the cache through instead of writing the cache Parameters).
+        `prefix` (P-Tuning v2): [2 x num_layers, B, P, kv, hd], layer i's keys at 2i, values at 2i + 1."""
         if past is None:
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask, cache_index)
+            if prefix is None:
+                for layer in self.layers:
+                    x = layer(x, cos, sin, mask, cache_index)
+            else:
+                for i in range(len(self.layers)):
+                    x = self.layers[i](x, cos, sin, mask, cache_index, None, (prefix[2 * i], prefix[2 * i + 1]))
             return self.final_layernorm(x)
         new = ()
         for i in range(len(self.layers)):
-            x, pair = self.layers[i](x, cos, sin, mask, cache_index, past[i])
+            pair_prefix = None if prefix is None else (prefix[2 * i], prefix[2 * i + 1])
+            x, pair = self.layers[i](x, cos, sin, mask, cache_index, past[i], pair_prefix)
             new = new + (pair,)
         return self.final_layernorm(x), new
 
@@ -72,21 +80,35 @@ class GLMForCausalLM(nn.Cell):
         self.config = config
         self.transformer = Transformer(config)
         self.pad_token_id = config.pad_token_id
-        self.max_len = config.seq_length
+        # P-Tuning v2: the prefix fills the first `prefix_len` cache slots of every row; tokens follow.
+        self.prefix_len = config.prefix_len
+        self.max_len = config.seq_length + self.prefix_len      # cache slots per row
         cos, sin = rope_table(config.seq_length, config.head_dim, 10000.0 * config.rope_ratio)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
-        self.slots = Tensor(np.arange(config.seq_length, dtype=np.int32))
+        self.slots = Tensor(np.arange(self.max_len, dtype=np.int32))
         self.loss = TokenCrossEntropy()
+        self.prefix_encoder = None
+        if self.prefix_len:
+            self.prefix_encoder = PrefixEncoder(config.ptuning, config.num_layers, config.num_kv_heads,
+                                                config.head_dim, resolve_dtype(config.compute_dtype),
+                                                config.initializer_range)
+            self.prefix_slots = Tensor(np.arange(self.prefix_len, dtype=np.int32).reshape(1, -1))
+            freeze_all_but_prefix(self)
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         """Full-sequence forward with the causal + pad-key mask: [B, S] -> [B, S, H] (fp32)."""
-        _, s = input_ids.shape
+        b, s = input_ids.shape
         causal = self.slots[:s].reshape(1, s) <= self.slots[:s].reshape(s, 1)          # [S, S] j <= i
         keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
         mask = ops.select(keep, ops.zeros_like(keep, dtype=ms.float32),
                           ops.full_like(keep, NEG_INF, dtype=ms.float32)).reshape(-1, 1, s, s)
         cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
-        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask)
+        x = self.transformer.embedding(input_ids)
+        if self.prefix_encoder is None:
+            return self.transformer.encoder(x, cos, sin, mask)
+        # Every token sees the whole prefix: P always-open key columns in front of the causal mask.
+        mask = ops.concat((ops.zeros((b, 1, s, self.prefix_len), ms.float32), mask), -1)
+        return self.transformer.encoder(x, cos, sin, mask, None, None, self.prefix_encoder(b))
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.transformer.output_layer(hidden).astype(ms.float32)
@@ -97,17 +119,25 @@ class GLMForCausalLM(nn.Cell):
             return logits
         return self.loss(logits, labels)
 
-    def cached_hidden(self, input_ids: Tensor, positions: Tensor, past=None):
+    def cached_hidden(self, input_ids: Tensor, positions: Tensor, past=None, write_prefix: bool = False):
         """Forward over new tokens at `positions` [B, S], reading and writing the KV cache
-        (the model's own, or an explicit `past`, see `Encoder.construct`)."""
+        (the model's own, or an explicit `past`, see `Encoder.construct`).
+
+        P-Tuning v2: position p lives in cache slot prefix_len + p, and `write_prefix` (the prefill) also
+        writes the prefix into slots 0 .. prefix_len - 1; decode steps read it from there."""
         b, s = input_ids.shape
-        allowed = self.slots.reshape(1, 1, -1) <= positions.reshape(b, s, 1)          # [B, S, max_len]
+        slots = positions if not self.prefix_len else positions + self.prefix_len
+        allowed = self.slots.reshape(1, 1, -1) <= slots.reshape(b, s, 1)              # [B, S, max_len]
         mask = ops.select(allowed, ops.zeros_like(allowed, dtype=ms.float32),
                           ops.full_like(allowed, NEG_INF, dtype=ms.float32)).reshape(b, 1, s, -1)
         cos = ops.gather(self.rope_cos, positions, 0).reshape(b, s, 1, -1)
         sin = ops.gather(self.rope_sin, positions, 0).reshape(b, s, 1, -1)
         row = ops.arange(b, dtype=ms.int32).reshape(b, 1) * self.max_len
-        return self.transformer.encoder(self.transformer.embedding(input_ids), cos, sin, mask, row + positions, past)
+        x = self.transformer.embedding(input_ids)
+        if not (self.prefix_len and write_prefix):
+            return self.transformer.encoder(x, cos, sin, mask, row + slots, past)
+        index = ops.concat((row + self.prefix_slots, row + slots), 1)                  # [B, P + S]
+        return self.transformer.encoder(x, cos, sin, mask, index, past, self.prefix_encoder(b))
 
 
 class TokenCrossEntropy(nn.Cell):
@@ -154,14 +184,16 @@ class CachedStep(nn.Cell):
     returns: fp32 logits [B, V] at each row's `last_index`.
     """
 
-    def __init__(self, lm: GLMForCausalLM):
+    def __init__(self, lm: GLMForCausalLM, prefill: bool = False):
         super().__init__(auto_prefix=False)   # keep the model's parameter names
         if not lm.config.use_past:
             raise ValueError("CachedStep needs a model built with use_past=True")
         self.lm = lm
+        self.prefill = prefill   # P-Tuning v2: the prefill step also writes the prefix into the cache
 
     def construct(self, input_ids: Tensor, positions: Tensor, last_index: Tensor) -> Tensor:
-        return self.lm.logits(_take_last(self.lm.cached_hidden(input_ids, positions), last_index))
+        hidden = self.lm.cached_hidden(input_ids, positions, None, self.prefill)
+        return self.lm.logits(_take_last(hidden, last_index))
 
 
 class GreedyChunk(nn.Cell):

@@ -137,9 +137,10 @@ class SelfAttention(nn.Cell):
         self.compute_dtype = compute_dtype
         self.attn_dropout = nn.Dropout(p=cfg.attention_dropout) if cfg.attention_dropout > 0 else None
         self.use_past = cfg.use_past
-        self.max_len = cfg.seq_length
+        # Cache slots per row: P-Tuning's prefix takes the first pre_seq_len, the tokens follow.
+        self.max_len = cfg.seq_length + cfg.prefix_len
         if cfg.use_past:
-            shape = (cfg.batch_size * cfg.seq_length, self.kv, self.hd)
+            shape = (cfg.batch_size * self.max_len, self.kv, self.hd)
             self.key_cache = Parameter(Tensor(np.zeros(shape), compute_dtype), name="key_cache",
                                        requires_grad=False)
             self.value_cache = Parameter(Tensor(np.zeros(shape), compute_dtype), name="value_cache",
@@ -163,11 +164,15 @@ class SelfAttention(nn.Cell):
         ctx = ctx.reshape(b, self.kv, self.group, s, self.hd).transpose(0, 3, 1, 2, 4)
         return ctx.reshape(b, s, self.q_size)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
-        """Without `cache_index`: plain causal attention. With it ([B, S] flat slots b*max_len + position of
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None,
+                  prefix=None):
+        """Without `cache_index`: plain causal attention. With it ([B, S] flat slots b*max_len + slot of
         each new token): write K/V into the cache and attend over all of it. The cache is this layer's
         Parameters, or - when `past` = (keys, values) tensors is given, as in exported graphs - those
-        tensors, returned updated as `(out, (keys, values))`. cos/sin: [B or 1, S, 1, hd]."""
+        tensors, returned updated as `(out, (keys, values))`. cos/sin: [B or 1, S, 1, hd].
+
+        `prefix` = (keys, values) [B, P, kv, hd] (P-Tuning v2) go in front of this call's keys and values,
+        un-rotated; with a cache, `cache_index` then also covers the P prefix slots ([B, P + S])."""
         b, s = x.shape[0], x.shape[1]
         qkv = self.query_key_value(x)
         # Rotary on q and k in one go: they are the first nh + kv heads of the fused projection.
@@ -175,6 +180,9 @@ class SelfAttention(nn.Cell):
                         cos, sin, self.rotation)
         q, k = qk[:, :, :self.nh], qk[:, :, self.nh:]
         v = qkv[..., self.q_size + self.kv_size:].reshape(b, s, self.kv, self.hd)
+        if prefix is not None:
+            k = ops.concat((prefix[0], k.astype(self.compute_dtype)), 1)
+            v = ops.concat((prefix[1], v.astype(self.compute_dtype)), 1)
         new_past = None
         if cache_index is not None:
             k_new, v_new = k.astype(self.compute_dtype), v.astype(self.compute_dtype)
@@ -183,7 +191,7 @@ class SelfAttention(nn.Cell):
                 ops.scatter_update(self.value_cache, cache_index, v_new)
                 keys, values = self.key_cache, self.value_cache
             else:
-                slots = cache_index.reshape(b, s, 1)
+                slots = cache_index.reshape(b, -1, 1)
                 keys = ops.tensor_scatter_update(past[0], slots, k_new)
                 values = ops.tensor_scatter_update(past[1], slots, v_new)
                 new_past = (keys, values)
@@ -221,12 +229,13 @@ class GLMBlock(nn.Cell):
         self.mlp = MLP(cfg, param_dtype, compute_dtype)
         self.dropout = nn.Dropout(p=cfg.hidden_dropout) if cfg.hidden_dropout > 0 else None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None):
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index=None, past=None,
+                  prefix=None):
         h = self.input_layernorm(x)
         if past is None:
-            a = self.self_attention(h, cos, sin, mask, cache_index)
+            a = self.self_attention(h, cos, sin, mask, cache_index, None, prefix)
         else:
-            a, past = self.self_attention(h, cos, sin, mask, cache_index, past)
+            a, past = self.self_attention(h, cos, sin, mask, cache_index, past, prefix)
         a = a.astype(ms.float32)
         if self.dropout is not None:
             a = self.dropout(a)
