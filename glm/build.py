@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
 from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
+from glm.run_inputs import RANDOM_INIT, checkpoint_paths, tokenizer_section  # noqa: F401 (importable from here)
 from glm.runtime import ms, setup_context
-
-RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+from glm.settings import RunConfig, as_run
 
 
 @dataclass
@@ -29,32 +30,43 @@ class Process:
         return self.rank == 0
 
 
-def init_process(cfg: dict) -> Process:
-    """Device, mode, seed and (with use_parallel) the communication group."""
-    ctx = cfg.get("context") or {}
-    target = ctx.get("device_target", "CPU")
+def check_device(run: RunConfig) -> str:
+    """context.device_target, when this machine has it (the dry run checks it too)."""
+    target = run.context.device_target
     available = ms.hal.is_available(target) if hasattr(ms, "hal") and target != "CPU" else True
     if not available:
         raise GLMError(f"context.device_target: {target} is not available on this machine "
                        "(set context.device_target: CPU, or pass --device_target CPU)")
-    setup_context(target, int(ctx.get("mode", 0)), ctx.get("device_id"), ctx.get("max_device_memory"))
-    ms.set_seed(int(cfg.get("seed", 0) or 0))
+    return target
+
+
+def init_process(cfg: RunConfig | dict) -> Process:
+    """Device, mode, seed and (with use_parallel) the communication group."""
+    run = as_run(cfg)
+    ctx = run.context
+    target = check_device(run)
+    setup_context(target, ctx.mode, ctx.device_id, ctx.max_device_memory)
+    extra = {"max_call_depth": ctx.max_call_depth}
+    if ctx.save_graphs:
+        extra.update(save_graphs=ctx.save_graphs, save_graphs_path=ctx.save_graphs_path)
+    if ctx.runtime_num_threads is not None:
+        extra["runtime_num_threads"] = ctx.runtime_num_threads
+    ms.set_context(**extra)
+    ms.set_seed(run.seed)
     proc = Process(device_target=target)
-    if cfg.get("use_parallel"):
+    if run.use_parallel:
         from glm.parallel import init_distributed
 
-        proc.rank, proc.world = init_distributed(cfg.get("parallel") or {}, cfg.get("parallel_config") or {},
-                                                 target)
+        proc.rank, proc.world = init_distributed(run.parallel, run.parallel_config, target)
     return proc
 
 
-def model_config(cfg: dict, **overrides) -> GLMConfig:
-    section = dict((cfg.get("model") or {}).get("model_config") or {})
-    section.update(overrides)
-    return GLMConfig.from_dict(section)
+def model_config(cfg: RunConfig | dict, **overrides) -> GLMConfig:
+    """The model section, with run-mode overrides (use_past, batch_size) applied."""
+    return dataclasses.replace(as_run(cfg).model.model_config, **overrides)
 
 
-def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]:
+def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]:
     """The model and its parameter-efficient tuning settings (None for full fine-tuning): LoRA adapters
     are attached here; a P-Tuning v2 prefix encoder is part of the model (see glm/model/ptuning.py).
     Either way only the adapter or prefix trains."""
@@ -66,14 +78,6 @@ def build_model(cfg: dict, **overrides) -> tuple[GLMForCausalLM, Optional[dict]]
     if lora:
         apply_lora(model, lora)
     return model, lora
-
-
-def checkpoint_paths(value) -> list[str]:
-    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
-    if value in (None, "", False):
-        return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(p).strip() for p in parts if str(p).strip()]
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
@@ -154,42 +158,31 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
 
 
-def tokenizer_section(cfg: dict) -> dict:
-    """The tokenizer block to use outside training: processor.tokenizer if it names a vocab file,
-    else the eval dataset's, else the train dataset's."""
-    from glm.config import dataset_section
-
-    candidates = [((cfg.get("processor") or {}).get("tokenizer") or {}, "processor.tokenizer")]
-    for name in ("eval_dataset", "train_dataset"):
-        try:
-            candidates.append(((dataset_section(cfg, name) or {}).get("tokenizer") or {}, f"{name}.tokenizer"))
-        except GLMError:
-            continue
-    for section, where in candidates:
-        if section.get("vocab_file"):
-            return {**section, "_where": where}
-    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
-
-
-def build_tokenizer(cfg: dict):
+def build_tokenizer(cfg: RunConfig | dict):
     from glm.tokenizer import load_tokenizer
 
-    section = tokenizer_section(cfg)
-    return load_tokenizer(section.get("type", "ChatGLM2Tokenizer"), section["vocab_file"])
+    section, _ = tokenizer_section(cfg)
+    return load_tokenizer(section.type, section.vocab_file)
 
 
-def generation_config(cfg: dict, tokenizer, **overrides):
+_warned_decode_length = False
+
+
+def generation_config(cfg: RunConfig | dict, tokenizer, **overrides):
     """Generation settings from model.model_config (MindFormers keeps them there), eos from the tokenizer."""
+    global _warned_decode_length
     from glm.generate import GenerationConfig
 
-    m = (cfg.get("model") or {}).get("model_config") or {}
-    eos = m.get("eos_token_id", 2)
-    eos_ids = sorted(set(tokenizer.stop_token_ids) | set(eos if isinstance(eos, (list, tuple)) else [eos]))
-    gen = GenerationConfig(max_length=int(m.get("max_decode_length") or m.get("seq_length") or 512),
-                           do_sample=bool(m.get("do_sample", False)), temperature=float(m.get("temperature", 1.0)),
-                           top_k=int(m.get("top_k", 0) or 0), top_p=float(m.get("top_p", 1.0)),
-                           repetition_penalty=float(m.get("repetition_penalty", 1.0)), eos_token_id=eos_ids,
-                           pad_token_id=int(m.get("pad_token_id", 0)), seed=int(cfg.get("seed", 0) or 0))
+    run = as_run(cfg)
+    m = run.model.model_config
+    if m.max_decode_length > m.seq_length and not _warned_decode_length:
+        print(f"warning: model.model_config.max_decode_length {m.max_decode_length} is larger than seq_length "
+              f"{m.seq_length}: generation stops at {m.seq_length} tokens, prompt included", file=sys.stderr)
+        _warned_decode_length = True
+    eos_ids = sorted(set(tokenizer.stop_token_ids) | set(m.eos_token_ids))
+    gen = GenerationConfig(max_length=m.max_decode_length, do_sample=m.do_sample, temperature=m.temperature,
+                           top_k=m.top_k, top_p=m.top_p, repetition_penalty=m.repetition_penalty,
+                           eos_token_id=eos_ids, pad_token_id=m.pad_token_id, seed=run.seed)
     for k, v in overrides.items():
         setattr(gen, k, v)
     if gen.do_sample and gen.top_k == 1:

@@ -54,9 +54,18 @@ def _text(value: Any, what: str) -> str:
     raise ChatFormatError(f"{what}: expected a string or a JSON object, got {type(value).__name__}")
 
 
+_TOOLS_JSON: dict[str, str] = {}  # compact JSON -> indented JSON: datasets repeat the same tools on every line
+
+
 def tools_text(content: str, tools: list) -> str:
     """The system content that carries `tools`, exactly as ChatGLM3's tokenizer builds it."""
-    return content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
+    key = json.dumps(tools, ensure_ascii=False)  # the C encoder; indent=4 takes the slow pure-Python one
+    text = _TOOLS_JSON.get(key)
+    if text is None:
+        if len(_TOOLS_JSON) > 4096:
+            _TOOLS_JSON.clear()
+        text = _TOOLS_JSON[key] = json.dumps(tools, indent=4, ensure_ascii=False)
+    return content + "\n" + text
 
 
 def normalize_messages(conversation: Any, tools: Any = None, system: str | None = None) -> list[Message]:
@@ -102,7 +111,10 @@ def normalize_messages(conversation: Any, tools: Any = None, system: str | None 
             if own_tools:
                 content = tools_text(content, own_tools)
         out.append(Message(role, content, metadata, loss))
-    if system is not None and out[0].role != "system":
+    if system is not None:
+        if out[0].role == "system":
+            raise ChatFormatError("two system prompts: the conversation starts with a system turn and the "
+                                  "system column is set too")
         out.insert(0, Message("system", system))
     if tools:
         if out[0].role == "system":
@@ -138,9 +150,11 @@ class MessageEncoder:
         return [self.role[m.role], *line]
 
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[list[int]]]:
-        """Per conversation, per message: its build_single_message ids."""
-        bodies = iter(self.tok.sp.encode([m.content for conv in conversations for m in conv]))
-        return [[self.head(m) + next(bodies) for m in conv] for conv in conversations]
+        """Per conversation, per message: its build_single_message ids (each distinct text encoded once:
+        system prompts and tools repeat across a dataset)."""
+        unique = list(dict.fromkeys(m.content for conv in conversations for m in conv))
+        body = dict(zip(unique, self.tok.sp.encode(unique)))
+        return [[self.head(m) + body[m.content] for m in conv] for conv in conversations]
 
 
 def chat_prompt_ids(tok: Any, messages: Sequence[Message]) -> list[int]:

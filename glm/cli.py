@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from glm import GLMError, __version__
+from glm.commands import COMMANDS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BOOL = click.Choice(["True", "False", "true", "false", "1", "0"])
@@ -194,6 +195,16 @@ def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, over
     return apply_overrides(cfg, [f"{k}={_yaml_scalar(v)}" for k, v in pairs] + list(overrides))
 
 
+def print_notices(cfg: dict) -> None:
+    """The one summary line of performance/device-only settings that are set but cannot apply here."""
+    from glm.policy import notice_line
+    from glm.settings import resolve
+
+    line = notice_line(resolve(cfg))
+    if line:
+        click.echo(line, err=True)
+
+
 def _yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -205,12 +216,19 @@ def _yaml_scalar(value: Any) -> str:
 def run_mode_main(run_mode: str | None, opts: dict) -> None:
     """Resolve the config and run one mode (or its dry run)."""
     cfg = resolve_run_config(opts["config_path"], run_mode, opts, tuple(opts.get("overrides") or ()))
+    print_notices(cfg)
     if opts.get("dry_run"):
         from glm.dryrun import dry_run
 
         dry_run(cfg, cfg["run_mode"])
         return
-    RUN_MODES[cfg["run_mode"]][0](cfg, opts)
+    if cfg["run_mode"] == "chat":   # interactive: a transcript without the questions is no log
+        RUN_MODES["chat"][0](cfg, opts)
+        return
+    from glm.runlog import run_log
+
+    with run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
+        RUN_MODES[cfg["run_mode"]][0](cfg, opts)
 
 
 def _run_mode_command(name: str, help_line: str, extra: list) -> click.Command:
@@ -256,14 +274,8 @@ for _name, (_fn, _help, _extra) in RUN_MODES.items():
     cli.add_command(_run_mode_command(_name, _help, _extra))
 
 
-def _register_tools() -> None:
-    from glm import commands  # click definitions of the tool subcommands; imports nothing heavy
-
-    for command in commands.COMMANDS:
-        cli.add_command(command)
-
-
-_register_tools()
+for _command in COMMANDS:   # the tools: click definitions only, their work is imported when they run
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

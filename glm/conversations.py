@@ -31,7 +31,6 @@ from glm.chat_format import (
     MessageEncoder,
     last_assistant,
     normalize_messages,
-    pack_conversation,
     reply_text,
 )
 from glm.data import IGNORE_INDEX, SKIP_REASONS, Record, parse_line, percentiles, read_lines, warn_skipped
@@ -121,43 +120,51 @@ def preprocess_conversations_train(tok, records: Sequence[Record], max_source_le
     seq_len = max_source_length + max_target_length + 1
     enc = MessageEncoder(tok)
     parts_all = enc.encode([r.messages for r in records])
-    rows: list[tuple[list[int], list[bool]]] = []
+    n_prefix, eos = len(tok.prefix), tok.eos_id
+    input_ids = np.full((len(records), seq_len), tok.pad_id, dtype=np.int32)
+    labels = np.full((len(records), seq_len), IGNORE_INDEX if ignore_pad_token_for_loss else tok.pad_id,
+                     dtype=np.int32)
     kept_records, too_long = [], []
     src_len, tgt_len = [], []
-    dropped_turns = with_drops = cut = 0
+    n = dropped_turns = with_drops = cut = 0
     for idx, (r, parts) in enumerate(zip(records, parts_all)):
         msgs = r.messages
         k = last_assistant(msgs)
         lens = [len(p) for p in parts]
-        n_prefix = len(tok.prefix)
         head_k = len(enc.head(msgs[k]))
         src_len.append(n_prefix + sum(lens[:k]) + head_k)
         tgt_len.append(lens[k] - head_k + 1)
-        keep, dropped = _drop_earliest(lens, msgs, k, seq_len - sum(lens[k + 1:]), n_prefix + 1)
-        keep += list(range(k + 1, len(msgs)))
-        start_k = n_prefix + sum(lens[i] for i in keep if i < k)
-        # The cut (if any) keeps seq_len - 1 tokens then eos: it must leave at least one reply token.
+        keep, dropped = range(len(msgs)), 0
+        if n_prefix + sum(lens) + 1 > seq_len:
+            keep, dropped = _drop_earliest(lens, msgs, k, seq_len - sum(lens[k + 1:]), n_prefix + 1)
+            keep += list(range(k + 1, len(msgs)))
+        ids, spans, start_k = list(tok.prefix), [], 0
+        for i in keep:
+            if i == k:
+                start_k = len(ids)
+            if msgs[i].role == "assistant" and msgs[i].loss:
+                spans.append((len(ids), lens[i]))
+            ids += parts[i]
+        ids.append(eos)
+        # A cut keeps seq_len - 1 tokens then eos: it must leave the last reply's first token.
         if start_k + head_k + min(1, lens[k] - head_k) + 1 > seq_len:
             too_long.append(r.line)
             continue
-        ids, target = pack_conversation(tok, [parts[i] for i in keep], [msgs[i] for i in keep])
         if len(ids) > seq_len:
             cut += start_k + lens[k] + 1 > seq_len  # the last reply itself lost tokens
-            follow = target[seq_len - 1]
-            ids = ids[:seq_len - 1] + [tok.eos_id]
-            target = target[:seq_len - 1] + [follow]
+            ids = ids[:seq_len - 1] + [eos]
+        a = np.asarray(ids, dtype=np.int32)
+        input_ids[n, :len(a)] = a
+        lab = labels[n]
+        lab[:len(a) - 1] = IGNORE_INDEX  # the sequence's own non-targets, whatever ignore_pad_token_for_loss says
+        for start, length in spans:  # pre-shifted: the tokens after the role token, then the one that follows
+            end = min(start + length, len(a) - 1)
+            lab[start:end] = a[start + 1:end + 1]
         dropped_turns += dropped
         with_drops += dropped > 0
-        rows.append((ids, target))
         kept_records.append(idx)
-    n = len(rows)
-    input_ids = np.full((n, seq_len), tok.pad_id, dtype=np.int32)
-    labels = np.full((n, seq_len), IGNORE_INDEX if ignore_pad_token_for_loss else tok.pad_id, dtype=np.int32)
-    for i, (ids, target) in enumerate(rows):
-        a = np.asarray(ids, dtype=np.int32)
-        t = np.asarray(target, dtype=bool)
-        input_ids[i, :len(a)] = a
-        labels[i, :len(a) - 1] = np.where(t[1:], a[1:], IGNORE_INDEX)
+        n += 1
+    input_ids, labels = input_ids[:n], labels[:n]
     src, tgt = np.asarray(src_len, dtype=np.int64), np.asarray(tgt_len, dtype=np.int64)
     stats = {"samples": n, "truncated_source": with_drops, "truncated_target": int(cut),
              "dropped_turns": dropped_turns, "samples_with_dropped_turns": with_drops,

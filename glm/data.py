@@ -144,6 +144,11 @@ def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "su
         if isinstance(obj, str):
             skipped[obj].append(no)
         elif key_p not in obj or key_a not in obj:
+            if require_answer:  # eval scores every line: a row that does not fit the columns is an error
+                missing = " and ".join(repr(k) for k in (key_p, key_a) if k not in obj)
+                raise GLMError(f"dataset file {str(path)!r} line {no}: no {missing} key (the line has "
+                               f"{', '.join(map(repr, list(obj)[:6])) or 'no keys'}); set data_loader.columns "
+                               "(prompt/response) or origin_columns to the file's keys")
             skipped["missing_key"].append(no)
         elif require_answer and not _nonblank(obj[key_a]):
             raise GLMError(f"dataset file {str(path)!r} line {no}: empty reference ({key_a!r} is {obj[key_a]!r:.40}); "

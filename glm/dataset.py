@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glm import GLMError
+from glm.chat_format import parse_reply, reply_text
 from glm.data import Record, format_stats, load_data
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
 from glm.tokenizer import GLMTokenizer, load_tokenizer
@@ -79,6 +80,12 @@ class AdgenDataset:
     repeat: int = 1
     dataset: ds.Dataset | None = field(default=None, repr=False)
     num_batches: int = 0  # per epoch, per shard
+
+    def prediction_text(self, tokens) -> str:
+        """Generated tokens as text comparable with a record's answer: for conversations, a reply's metadata
+        line is parsed ("tool\n{args}" for a tool call, the bare reply otherwise), as the reference is built."""
+        text = self.tokenizer.decode(tokens)
+        return reply_text(*parse_reply(text)) if self.stats.get("format") == "conversations" else text
 
     def _shard_size(self) -> int:
         n = len(self.records)

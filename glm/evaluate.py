@@ -13,6 +13,7 @@ from the eval block's `data_loader.version` (a warning names both); `prompt_form
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -25,30 +26,31 @@ from tqdm import tqdm
 from glm import GLMError
 from glm.build import build_model, generation_config, init_process, load_checkpoints
 from glm.chat_format import parse_reply, reply_text
-from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.generate import Generator
 from glm.io import write_json_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric, PerplexityMetric
 from glm.prompt_format import FORMAT_VERSIONS, data_format, recorded_format, resolve_prompt_format
 from glm.runtime import ms
+from glm.settings import RunConfig, as_run
 
 STATS_FILE = "eval_data_stats.json"
 
 
-def run_eval(cfg: dict) -> dict:
+def run_eval(cfg: RunConfig | dict) -> dict:
+    cfg = as_run(cfg)
     proc = init_process(cfg)
-    section = dataset_section(cfg, "eval_dataset")
+    section = dataclasses.asdict(cfg.eval_data)
     phase = (section.get("data_loader") or {}).get("phase", "eval")
-    metric_type = (cfg.get("metric") or {}).get("type", "ADGENMetric")
-    out = Path(cfg.get("output_dir") or "./output")
+    metric_type = cfg.metric.type
+    out = Path(cfg.output_dir or "./output")
     out.mkdir(parents=True, exist_ok=True)
-    batch = int((cfg.get("runner_config") or {}).get("batch_size", 1))
+    batch = cfg.runner_config.batch_size
     if metric_type == "PerplexityMetric" or phase == "train":
         result = _perplexity(cfg, section, batch, out, proc.is_main)
     else:
         result = _adgen(cfg, section, batch, out, proc.is_main)
-    result["checkpoint"] = cfg.get("load_checkpoint")
+    result["checkpoint"] = cfg.load_checkpoint
     if proc.is_main:
         write_json_atomic(result, out / "metrics.json")
     print(json.dumps({k: v for k, v in result.items() if k != "checkpoint"}, ensure_ascii=False), flush=True)
@@ -74,12 +76,12 @@ def with_prompt_format(section: dict, fmt: str, where: str = "eval_dataset") -> 
     return {**section, "data_loader": {**(section.get("data_loader") or {}), "version": FORMAT_VERSIONS[fmt]}}
 
 
-def _load(cfg: dict, model, lora, section: dict) -> dict:
+def _load(cfg: RunConfig, model, lora, section: dict) -> dict:
     """Load the checkpoint; return the eval block in the prompt format it was fine-tuned with."""
     metas: list[dict] = []
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode="eval", metas=metas)
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval", metas=metas)
     version = (section.get("data_loader") or {}).get("version", 2)
-    fmt = resolve_prompt_format(cfg.get("prompt_format"), recorded_format(metas), data_format(section),
+    fmt = resolve_prompt_format(cfg.prompt_format, recorded_format(metas), data_format(section),
                                 f"eval_dataset.data_loader.version {version}")
     print(f"prompt format: {fmt}", flush=True)
     return with_prompt_format(section, fmt)
@@ -96,7 +98,7 @@ def generate_and_score(generator: Generator, data, indices: list[int], gen_cfg, 
             idx = indices[start:start + batch]
             prompts = [[int(t) for t in ids_all[i] if t != tok.pad_id] for i in idx]
             outputs = generator.generate(prompts, gen_cfg)
-            preds = [tok.decode(o) for o in outputs]
+            preds = [data.prediction_text(o) for o in outputs]
             if data.stats.get("format") == "conversations":  # "tool\n{args}" or the reply, as the reference
                 preds = [reply_text(*parse_reply(p)) for p in preds]
             records = [data.records[i] for i in idx]
@@ -135,7 +137,7 @@ def token_loss(model, ids: np.ndarray, labels: np.ndarray, batch: int) -> tuple[
     return total, count
 
 
-def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
     section = _load(cfg, model, lora, section)
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
@@ -159,7 +161,7 @@ def _adgen(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = 
     return result
 
 
-def _perplexity(cfg: dict, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _perplexity(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
     # Perplexity needs the train-phase layout (prompt + answer + eos, labels shifted and masked with -100),
     # also when only `metric.type: PerplexityMetric` asked for it on an eval-phase block.
     section = {**section, "data_loader": {**(section.get("data_loader") or {}), "phase": "train"}}

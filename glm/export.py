@@ -30,6 +30,7 @@ from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints
 from glm.io import write_json_atomic
 from glm.model.glm import GLMForCausalLM, _take_last
 from glm.runtime import ms, resolve_dtype
+from glm.settings import InferConfig, RunConfig, as_run
 
 FULL_DIR, INC_DIR = "mindir_full_checkpoint", "mindir_inc_checkpoint"
 
@@ -83,11 +84,25 @@ def cache_shape(mcfg) -> tuple:
             mcfg.head_dim)
 
 
-def _targets(cfg: dict, out: Path, rank: int) -> dict:
-    infer = cfg.get("infer") or {}
+def _targets(run: RunConfig, out: Path, rank: int) -> dict:
+    infer = run.infer or InferConfig()
     name = f"rank_{rank}_graph.mindir"
-    return {"prefill": Path(infer.get("prefill_model_path") or out / FULL_DIR / name),
-            "decode": Path(infer.get("increment_model_path") or out / INC_DIR / name)}
+    return {"prefill": Path(infer.prefill_model_path or out / FULL_DIR / name),
+            "decode": Path(infer.increment_model_path or out / INC_DIR / name)}
+
+
+def export_preflight(cfg: RunConfig | dict, rank: int = 0) -> dict:
+    """What export checks before building the model (the dry run runs the same): the weights are named and
+    the two graphs do not overwrite each other. Returns the graph paths."""
+    run = as_run(cfg)
+    if run.load_checkpoint in (None, ""):   # fail before building a 6B model
+        raise GLMError(f"--run_mode export needs load_checkpoint (the weights to put in the graphs); set "
+                       f"load_checkpoint: {RANDOM_INIT} for a random-weight smoke test")
+    paths = _targets(run, Path(run.output_dir or "./output"), rank)
+    if paths["prefill"].resolve() == paths["decode"].resolve():
+        raise GLMError(f"infer.prefill_model_path and infer.increment_model_path are both {paths['decode']}: "
+                       "the decode graph would overwrite the prefill graph")
+    return paths
 
 
 def _export_one(net: nn.Cell, inputs: list, dest: Path, prefix: str) -> None:
@@ -153,22 +168,18 @@ def export_info(mcfg, paths: dict, dynamic: bool, used: list, out: Path) -> dict
     }
 
 
-def run_export(cfg: dict) -> dict:
+def run_export(cfg: RunConfig | dict) -> dict:
     """Export the prefill and decode graphs; return export_info (also written as export_info.json)."""
-    if cfg.get("load_checkpoint") in (None, "", False):   # fail before building a 6B model
-        raise GLMError(f"--run_mode export needs load_checkpoint (the weights to put in the graphs); set "
-                       f"load_checkpoint: {RANDOM_INIT} for a random-weight smoke test")
-    proc = init_process(cfg)
-    model, lora = build_model(cfg, use_past=True)
+    run = as_run(cfg)
+    export_preflight(run)
+    proc = init_process(run)
+    paths = export_preflight(run, proc.rank)
+    model, lora = build_model(run, use_past=True)
     dynamic = model.config.is_dynamic
-    used = load_checkpoints(model, cfg["load_checkpoint"], lora, required=True, run_mode="export")
+    used = load_checkpoints(model, run.load_checkpoint, lora, required=True, run_mode="export")
     model.set_train(False)
     mcfg = model.config
-    out = Path(cfg.get("output_dir") or "./output")
-    paths = _targets(cfg, out, proc.rank)
-    if paths["prefill"].resolve() == paths["decode"].resolve():
-        raise GLMError(f"infer.prefill_model_path and infer.increment_model_path are both {paths['decode']}: "
-                       "the decode graph would overwrite the prefill graph")
+    out = Path(run.output_dir or "./output")
     prefix = f"rank_{proc.rank}"
     _export_one(FunctionalStep(model), graph_inputs(mcfg, "prefill", dynamic), paths["prefill"], prefix)
     _export_one(FunctionalDecode(model), graph_inputs(mcfg, "decode", dynamic), paths["decode"], prefix)

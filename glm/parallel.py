@@ -5,13 +5,11 @@ MindSpore is imported lazily inside the functions that need it. Rank tables live
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from glm import GLMError
-
-CPU_PARALLEL_ERROR = ("model/pipeline parallel needs Ascend or GPU; on CPU use data parallel only "
-                      "(set parallel_config.model_parallel: 1, pipeline_stage: 1)")
 
 _SEMI_AUTO_MODES = {"semi_auto_parallel", "auto_parallel"}
 _PARALLEL_MODES = {
@@ -33,42 +31,62 @@ SEMI_AUTO_FULL_BATCH_ERROR = (
 # communication init
 # ----------------------------------------------------------------------------------------------
 
-def _as_int(cfg: dict[str, Any], key: str, default: int = 1) -> int:
-    value = cfg.get(key, default)
+def _get(section: Any, name: str, default: Any = None) -> Any:
+    """A key of a typed section (glm/settings.py) or of a plain dict (tests, tools)."""
+    if section is None:
+        return default
+    if isinstance(section, dict):
+        return section.get(name, default)
+    return getattr(section, name, default)
+
+
+def _as_int(section: Any, key: str, default: int = 1) -> int:
+    value = _get(section, key, default)
     try:
         return int(value if value is not None else default)
     except (TypeError, ValueError) as e:
         raise GLMError(f"parallel_config.{key}: expected an integer, got {value!r}") from e
 
 
-def check_parallel_support(cfg_parallel: dict[str, Any], parallel_config: dict[str, Any],
-                           device_target: str) -> str:
-    """Return the lower-case parallel_mode; refuse model/pipeline parallel on CPU (MindSpore cannot)."""
-    cfg_parallel = cfg_parallel or {}
-    parallel_config = parallel_config or {}
-    mode = str(cfg_parallel.get("parallel_mode", "data_parallel")).lower()
+def check_parallel_support(cfg_parallel: Any, parallel_config: Any, device_target: str) -> str:
+    """Return the lower-case parallel_mode; refuse model/pipeline parallel on CPU (MindSpore cannot).
+
+    The loader runs this too (glm/policy.py), so --dry_run refuses what the run would; each message names
+    the key that is actually wrong."""
+    raw_mode = _get(cfg_parallel, "parallel_mode", "data_parallel")
+    mode = str(raw_mode).lower()
     if mode.isdigit():  # MindFormers configs use 0 data, 1 semi-auto, 2 auto, 3 hybrid
         mode = {"0": "data_parallel", "1": "semi_auto_parallel", "2": "auto_parallel"}.get(mode, mode)
     if mode not in _PARALLEL_MODES:
-        raise GLMError(f"parallel.parallel_mode: expected one of {sorted(_PARALLEL_MODES)}, got {mode!r}")
+        raise GLMError(f"parallel.parallel_mode: expected one of {sorted(_PARALLEL_MODES)} (or 0, 1, 2), "
+                       f"got {raw_mode!r}")
     mp = _as_int(parallel_config, "model_parallel")
     pp = _as_int(parallel_config, "pipeline_stage")
-    if device_target.upper() == "CPU" and (mp > 1 or pp > 1 or mode in _SEMI_AUTO_MODES):
-        raise GLMError(CPU_PARALLEL_ERROR)
+    if device_target.upper() == "CPU":
+        wrong = []
+        if mode in _SEMI_AUTO_MODES:
+            wrong.append(f"parallel.parallel_mode: {raw_mode!r} ({mode}) needs Ascend or GPU; on CPU use 0 "
+                         "(data parallel)")
+        if mp > 1:
+            wrong.append(f"parallel_config.model_parallel: {mp} needs Ascend or GPU; on CPU use 1")
+        if pp > 1:
+            wrong.append(f"parallel_config.pipeline_stage: {pp} needs Ascend or GPU; on CPU use 1")
+        if wrong:
+            raise GLMError("; ".join(wrong))
     if mode in _SEMI_AUTO_MODES and not _full_batch(cfg_parallel):
         raise GLMError(SEMI_AUTO_FULL_BATCH_ERROR)
     return mode
 
 
-def _full_batch(cfg_parallel: dict[str, Any]) -> bool:
+def _full_batch(cfg_parallel: Any) -> bool:
     """Whether every rank loads the whole batch (dataset_strategy, when set, wins over full_batch)."""
-    strategy = cfg_parallel.get("dataset_strategy")
+    strategy = _get(cfg_parallel, "dataset_strategy")
     if strategy is not None:
         return strategy == "full_batch"
-    return bool(cfg_parallel.get("full_batch", True))
+    return bool(_get(cfg_parallel, "full_batch", True))
 
 
-def data_parallel_plan(cfg: dict[str, Any], world: int, device_target: str) -> tuple[bool, bool]:
+def data_parallel_plan(cfg: Any, world: int, device_target: str) -> tuple[bool, bool]:
     """(shard_data, own_reducer) for the trainer on `world` ranks.
 
     Data parallel (the only mode on CPU): each rank reads its shard of the data and the trainer
@@ -78,32 +96,33 @@ def data_parallel_plan(cfg: dict[str, Any], world: int, device_target: str) -> t
     """
     if world <= 1:
         return False, False
-    mode = check_parallel_support(cfg.get("parallel") or {}, cfg.get("parallel_config") or {}, device_target)
+    mode = check_parallel_support(_get(cfg, "parallel"), _get(cfg, "parallel_config"), device_target)
     if mode in _SEMI_AUTO_MODES:
         return False, False
     return True, True
 
 
-def semi_auto_context(cfg_parallel: dict[str, Any], parallel_config: dict[str, Any],
-                      rank: int) -> dict[str, Any]:
+def semi_auto_context(cfg_parallel: Any, parallel_config: Any, rank: int) -> dict[str, Any]:
     """The ms.set_auto_parallel_context arguments (besides parallel_mode, device_num) for semi-auto.
 
     None values (unset in the config) are left to MindSpore's defaults. The strategy file is saved
     per rank (`ckpt_strategy.ckpt` -> `ckpt_strategy_rank_3.ckpt`, as the reference), so the ranks'
     files do not overwrite each other and `glm transform-ckpt` can merge their directory.
     """
-    cfg_parallel = cfg_parallel or {}
-    kwargs: dict[str, Any] = {k: cfg_parallel[k] for k in _CONTEXT_KEYS if cfg_parallel.get(k) is not None}
+    kwargs: dict[str, Any] = {k: _get(cfg_parallel, k) for k in _CONTEXT_KEYS
+                              if _get(cfg_parallel, k) is not None}
     kwargs["full_batch"] = True   # check_parallel_support refuses anything else
-    stages = _as_int(parallel_config or {}, "pipeline_stage")
-    if cfg_parallel.get("pipeline_stages") is not None and int(cfg_parallel["pipeline_stages"]) != stages:
-        raise GLMError(f"parallel.pipeline_stages {cfg_parallel['pipeline_stages']} disagrees with "
+    stages = _as_int(parallel_config, "pipeline_stage")
+    declared = _get(cfg_parallel, "pipeline_stages")
+    if declared is not None and int(declared) != stages:
+        raise GLMError(f"parallel.pipeline_stages {declared} disagrees with "
                        f"parallel_config.pipeline_stage {stages}; set only parallel_config.pipeline_stage")
     kwargs["pipeline_stages"] = stages
-    strategy = dict(cfg_parallel.get("strategy_ckpt_config") or {})
+    ckpt = _get(cfg_parallel, "strategy_ckpt_config") or {}
+    strategy = dict(ckpt) if isinstance(ckpt, dict) else dataclasses.asdict(ckpt)
     for flat, key in (("strategy_ckpt_save_file", "save_file"), ("strategy_ckpt_load_file", "load_file")):
-        if cfg_parallel.get(flat):   # the older flat keys win when set
-            strategy[key] = cfg_parallel[flat]
+        if _get(cfg_parallel, flat):   # the older flat keys win when set
+            strategy[key] = _get(cfg_parallel, flat)
     if strategy.get("save_file"):
         root, ext = os.path.splitext(strategy["save_file"])
         strategy["save_file"] = f"{root}_rank_{rank}{ext or '.ckpt'}"
@@ -112,8 +131,7 @@ def semi_auto_context(cfg_parallel: dict[str, Any], parallel_config: dict[str, A
     return kwargs
 
 
-def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, Any],
-                     device_target: str) -> tuple[int, int]:
+def init_distributed(cfg_parallel: Any, parallel_config: Any, device_target: str) -> tuple[int, int]:
     """Initialise communication and the auto-parallel context; return (rank, world_size).
 
     On CPU only data parallel works (backend mccl, started by msrun). On Ascend/GPU the
@@ -122,7 +140,6 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
     trainer what it must do itself in each mode.
     """
     mode = check_parallel_support(cfg_parallel, parallel_config, device_target)
-    cfg_parallel = cfg_parallel or {}
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
@@ -136,7 +153,7 @@ def init_distributed(cfg_parallel: dict[str, Any], parallel_config: dict[str, An
     ms.reset_auto_parallel_context()
     if mode == "data_parallel" or device_target.upper() == "CPU":
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL,
-                                     gradients_mean=bool(cfg_parallel.get("gradients_mean", True)),
+                                     gradients_mean=bool(_get(cfg_parallel, "gradients_mean", True)),
                                      device_num=world)
     else:
         # Pass-through: the model carries no per-operator shard strategies; MindSpore's semi-auto

@@ -18,6 +18,7 @@ from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
 from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
+from glm.settings import RunConfig, as_run
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
 
@@ -70,8 +71,9 @@ def _json_prompt(line: str, path: Path, no: int) -> str:
     raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
-def _session(cfg: dict, rows: int, run_mode: str, requested_format: str | None = None):
+def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: str | None = None):
     """(tokenizer, generator, generation config, prompt format) for predict and chat."""
+    cfg = as_run(cfg)
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
@@ -79,17 +81,17 @@ def _session(cfg: dict, rows: int, run_mode: str, requested_format: str | None =
         raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
                        f"{model.config.padded_vocab_size}")
     metas: list[dict] = []
-    load_checkpoints(model, cfg.get("load_checkpoint"), lora, required=True, run_mode=run_mode, metas=metas)
-    fmt = resolve_prompt_format(requested_format or cfg.get("prompt_format"), recorded_format(metas),
-                                family_format(tok))
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode, metas=metas)
+    fmt = resolve_prompt_format(requested_format or cfg.prompt_format, recorded_format(metas), family_format(tok))
     return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 
-def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
+def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> list[dict]:
     # A ChatGLM3 conversations file: each line answered from its turns before the last assistant turn.
     chats = read_chat_prompts(items[0]) if len(items) == 1 and _is_file(items[0]) else None
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
-    rows = max(1, min(len(prompts), int((cfg.get("runner_config") or {}).get("batch_size", 1))))
+    run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
+    rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
     tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
@@ -102,7 +104,7 @@ def run_predict(cfg: dict, items: list[str], raw: bool = False) -> list[dict]:
         r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
-    out = Path(cfg.get("output_dir") or "./output")
+    out = Path(run.output_dir or "./output")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "predict_results.jsonl"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -133,7 +135,7 @@ class _Printer:
         self.shown = text
 
 
-def run_chat(cfg: dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def run_chat(cfg: RunConfig | dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
     tok, generator, gen, fmt = _session(cfg, 1, "chat")
     history: list[tuple[str, str]] = []
     stdout.write("chat: type a message; /reset clears the history, /exit quits\n")

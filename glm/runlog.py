@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from glm import GLMError
-from glm.io import write_bytes_atomic
+from glm.io import ensure_dir, os_error, write_bytes_atomic
+from glm.settings import RunConfig, as_run
 
 LOG_NAME = "log/glm.log"
 PLOTS = "plots"
@@ -103,8 +104,11 @@ def log_to_file(path: Optional[Path], header: str = "") -> Iterator[Optional[Tex
     if path is None:
         yield None
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "a", encoding="utf-8", buffering=1)   # noqa: SIM115 (closed below)
+    ensure_dir(path.parent)
+    try:
+        log = open(path, "a", encoding="utf-8", buffering=1)   # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise os_error(e, path) from None
     if header:
         log.write(header + "\n")
     out, err = sys.stdout, sys.stderr
@@ -121,6 +125,29 @@ def log_to_file(path: Optional[Path], header: str = "") -> Iterator[Optional[Tex
     finally:
         sys.stdout, sys.stderr = out, err
         log.close()
+
+
+_current: Optional[str] = None   # the run id of the run this process is doing (run_log)
+
+
+@contextmanager
+def run_log(cfg: RunConfig | dict) -> Iterator[str]:
+    """The block is one run: a new run id, and for a single process (not a rank of a distributed job, whose
+    launcher logs it) its output copied to output_dir/log/glm.log under a header naming the run. Nested
+    calls (the CLI wraps every run mode; run_train wraps itself for callers of the API) join the outer run."""
+    global _current
+    if _current is not None:
+        yield _current
+        return
+    run = as_run(cfg)
+    run_id = new_run_id()
+    path = None if run.use_parallel else Path(run.output_dir) / LOG_NAME
+    _current = run_id
+    try:
+        with log_to_file(path, header_line(run_id, config_hash(run.raw), run.run_mode)):
+            yield run_id
+    finally:
+        _current = None
 
 
 def write_to_log(line: str) -> None:
@@ -141,21 +168,21 @@ class RunLog:
     """The per-run writer of metrics.jsonl lines (stamped with run id and config hash) and, when
     tensorboard.tensorboard_dir is set, the same scalars as TensorBoard events."""
 
-    def __init__(self, cfg: dict, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True,
+    def __init__(self, run: RunConfig, out: Path, metrics_name: str = "metrics.jsonl", main: bool = True,
                  run_id: Optional[str] = None):
-        self.run_id, self.config_hash = run_id or new_run_id(), config_hash(cfg)
+        self.run_id, self.config_hash = run_id or new_run_id(), config_hash(run.raw)
         self.out = out
         self.metrics_path = out / metrics_name
         out.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")   # noqa: SIM115 (closed in close)
         self._tb = None
-        tb_dir = ((cfg.get("tensorboard") or {}).get("tensorboard_dir") or "") if main else ""
-        if tb_dir:
+        tb = run.tensorboard
+        if main and tb.tensorboard_dir:
             from tensorboardX import SummaryWriter
 
-            queue = int((cfg.get("tensorboard") or {}).get("tensorboard_queue_size", 10) or 10)
-            self.tensorboard_dir = Path(tb_dir) / self.run_id
-            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), max_queue=queue, flush_secs=10)
+            self.tensorboard_dir = Path(tb.tensorboard_dir) / self.run_id
+            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), max_queue=tb.tensorboard_queue_size,
+                                     flush_secs=10)
 
     @property
     def stamp(self) -> dict:

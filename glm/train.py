@@ -11,6 +11,7 @@ dropout masks are a pure function of (seed, rank, call count) (see glm/dropout.p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -32,55 +33,49 @@ from glm.checkpoint import (
     resume_state,
     save_atomic,
 )
-from glm.config import callback, dataset_section, save_resolved
+from glm.config import save_resolved
 from glm.dataset import build_dataset
 from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.io import write_json_atomic
 from glm.model.glm import count_parameters
-from glm.optim import build_optimizer, build_schedule
+from glm.optim import build_optimizer, build_schedule, lr_multiplier
 from glm.prompt_format import data_format
-from glm.runlog import (
-    LOG_NAME,
-    RunLog,
-    config_hash,
-    header_line,
-    log_to_file,
-    new_run_id,
-    plot_run,
-    terminal,
-    write_to_log,
-)
+from glm.runlog import RunLog, new_run_id, plot_run, run_log, terminal, write_to_log
 from glm.runtime import ms
+from glm.settings import LossScaleConfig, RunConfig, as_run
 from glm.train_eval import TrainEvaluator, eval_settings
 from glm.train_step import LossScale, TrainStep
 
 
 class Trainer:
-    def __init__(self, cfg: dict, run_mode: str, proc: Optional[Process] = None):
-        self.cfg, self.run_mode = cfg, run_mode
-        self.proc = proc or init_process(cfg)
-        self.out = Path(cfg.get("output_dir") or "./output")
-        runner = cfg.get("runner_config") or {}
-        self.epochs = int(runner.get("epochs", 1))
-        self.batch_size = int(runner.get("batch_size", 1))
-        self.accumulate = int(runner.get("gradient_accumulation_steps", 1) or 1)
-        self.max_steps = runner.get("max_steps")
-        self.log_interval = int(runner.get("log_interval", 10) or 10)
-        ckpt_cb = callback(cfg, "CheckpointMonitor") or {}
-        self.prefix = ckpt_cb.get("prefix", "glm")
-        self.save_steps = int(ckpt_cb.get("save_checkpoint_steps", 1000) or 0)
-        self.keep = int(ckpt_cb.get("keep_checkpoint_max", 1) or 1)
+    def __init__(self, cfg: RunConfig | dict, run_mode: str, proc: Optional[Process] = None):
+        self.run = run = as_run(cfg)
+        self.cfg, self.run_mode = run.raw, run_mode
+        self.proc = proc or init_process(run)
+        self.out = Path(run.output_dir or "./output")
+        runner = run.runner_config
+        self.epochs = runner.epochs
+        self.batch_size = runner.batch_size
+        self.accumulate = runner.gradient_accumulation_steps
+        self.max_steps = runner.max_steps
+        monitor = run.callback("MFLossMonitor")   # its per_print_times, when set, replaces log_interval
+        self.log_interval = (monitor.per_print_times if monitor and monitor.per_print_times
+                             else runner.log_interval)
+        ckpt = run.checkpoint
+        self.prefix = ckpt.prefix
+        self.save_steps = ckpt.save_checkpoint_steps
+        self.keep = ckpt.keep_checkpoint_max
 
         # Data: every rank preprocesses the file; sharding picks its rows (data parallel only: in
         # semi-auto parallel every rank reads the full batch and MindSpore inserts the gradient reduction).
         from glm.parallel import data_parallel_plan
 
-        shard_data, own_reducer = data_parallel_plan(cfg, self.proc.world, self.proc.device_target)
+        shard_data, own_reducer = data_parallel_plan(run, self.proc.world, self.proc.device_target)
         shards = (self.proc.world, self.proc.rank) if shard_data else (None, None)
-        self.model, self.lora = build_model(cfg)
+        self.model, self.lora = build_model(run)
         # Dropout masks from a saveable counter instead of the kernel's hidden RNG (exact resume).
-        self.dropout_rng = use_counted_dropout(self.model, int(cfg.get("seed", 0) or 0), self.proc.rank)
-        self.data = build_dataset(dataset_section(cfg, "train_dataset"), batch_size=self.batch_size,
+        self.dropout_rng = use_counted_dropout(self.model, run.seed, self.proc.rank)
+        self.data = build_dataset(dataclasses.asdict(run.train_data), batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
                                   shard_id=shards[1])
         self.steps_per_epoch = self.data.num_batches * self.data.repeat // self.accumulate
@@ -90,26 +85,28 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.epochs
         # As HF Trainer: max_steps ends the run early and the schedule spans the steps that will run.
         self.stop_at = self.total_steps if self.max_steps in (None, -1) else min(int(self.max_steps), self.total_steps)
-        self.base_checkpoint = cfg.get("load_checkpoint") or ""
+        self.base_checkpoint = run.load_checkpoint or ""
         self.loaded = load_checkpoints(self.model, self.base_checkpoint, self.lora,
                                        required=run_mode == "finetune", run_mode=run_mode)
         self.model.set_train(True)
-        self.schedule = build_schedule(cfg.get("lr_schedule") or {}, self.stop_at)
+        global_batch = self.batch_size * self.accumulate * self.proc.world
+        self.schedule = build_schedule(run.lr_schedule, self.stop_at, self.steps_per_epoch,
+                                       scale=lr_multiplier(run.lr_scale, run.lr_scale_factor, global_batch))
         params = self.model.trainable_params()
-        self.optimizer = build_optimizer(cfg.get("optimizer") or {}, params)
+        self.optimizer = build_optimizer(run.optimizer, params)
         self.loss_scale = self._loss_scale()
-        wrapper = cfg.get("runner_wrapper") or {}
-        clip = float(wrapper.get("max_grad_norm", 1.0) or 1.0) if wrapper.get("use_clip_grad", True) else None
+        wrapper = run.runner_wrapper
+        clip = wrapper.max_grad_norm if wrapper.use_clip_grad else None
         reducer = None
-        if own_reducer:
-            reducer = ms.nn.DistributedGradReducer(params, mean=True, degree=self.proc.world)
+        if own_reducer:   # gradients_mean False sums the ranks' gradients, as MindFormers' recipes do
+            reducer = ms.nn.DistributedGradReducer(params, mean=run.parallel.gradients_mean, degree=self.proc.world)
         self.step_fn = TrainStep(self.model, self.optimizer, clip, self.loss_scale, self.accumulate, reducer)
         self.global_step, self.start_epoch, self.skip = 0, 0, 0
         self.run_id = new_run_id()
         self.last_checkpoint: Optional[Path] = None
-        self.prompt_format = data_format(dataset_section(cfg, "train_dataset"))
-        settings = eval_settings(cfg)
-        self.evaluator = settings and TrainEvaluator(cfg, settings, self.model, self.proc, self.out,
+        self.prompt_format = data_format(dataclasses.asdict(run.train_data))
+        settings = eval_settings(run)
+        self.evaluator = settings and TrainEvaluator(run, settings, self.model, self.proc, self.out,
                                                      self.batch_size, self._save_best)
         self.nothing_to_do: Optional[str] = None
 
@@ -117,11 +114,18 @@ class Trainer:
     def _loss_scale(self) -> Optional[LossScale]:
         if self.model.config.compute_dtype != "float16":
             return None   # fp32 (and bf16 on devices) needs no loss scaling
-        sense = (self.cfg.get("runner_wrapper") or {}).get("scale_sense") or {}
-        if not isinstance(sense, dict):
-            sense = {"loss_scale_value": float(sense)}
-        return LossScale(sense.get("loss_scale_value", 65536), sense.get("scale_factor", 2),
-                         sense.get("scale_window", 1000))
+        sense = self.run.runner_wrapper.scale_sense
+        if sense is None:
+            sense = LossScaleConfig()   # float16 without scale_sense: MindSpore's dynamic defaults
+        elif not isinstance(sense, dict):
+            sense = dataclasses.replace(LossScaleConfig(), type="FixedLossScaleUpdateCell",
+                                        loss_scale_value=float(sense))
+        else:
+            sense = LossScaleConfig(**sense)
+        # A fixed scale is a dynamic one whose factor is 1 (MindSpore's FixedLossScaleUpdateCell: overflowing
+        # steps are skipped, the scale never changes).
+        factor = sense.scale_factor if sense.type == "DynamicLossScaleUpdateCell" else 1
+        return LossScale(sense.loss_scale_value, factor, sense.scale_window)
 
     def _state_params(self) -> list:
         params = list(self.optimizer.params) + list(self.optimizer.exp_avg) + list(self.optimizer.exp_avg_sq)
@@ -207,7 +211,7 @@ class Trainer:
               f"{'; lr_schedule.total_steps' if sched.total != stop_at else ''}), warmup {sched.warmup}, "
               f"peak {sched.lr:g}", flush=True)
         log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
-        log = RunLog(self.cfg, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
+        log = RunLog(self.run, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
         bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
                    dynamic_ncols=True, desc=self.run_mode, file=terminal(sys.stderr))
         seq = self.model.config.seq_length
@@ -281,7 +285,7 @@ class Trainer:
         return summary
 
     def _plot(self) -> list[str]:
-        if not (self.cfg.get("runner_config") or {}).get("plot_curves", True):
+        if not self.run.runner_config.plot_curves:
             return []
         try:
             files = plot_run(self.out)
@@ -315,9 +319,9 @@ class Trainer:
         raise GLMError(nonfinite_message(self.global_step, loss, norm, self.last_checkpoint))
 
     def _meta(self, kind: str, **extra) -> dict:
-        rng = {"seed": self.cfg.get("seed", 0), "rank": self.proc.rank,
+        rng = {"seed": self.run.seed, "rank": self.proc.rank,
                "dropout_counter": self.dropout_rng.value() if self.dropout_rng else None}
-        return {"kind": kind, "global_step": self.global_step, "seed": self.cfg.get("seed", 0), "rng": rng,
+        return {"kind": kind, "global_step": self.global_step, "seed": self.run.seed, "rng": rng,
                 # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
                 "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
                 "base_checkpoint": self.base_checkpoint if self.lora else None, "prompt_format": self.prompt_format,
@@ -357,16 +361,12 @@ def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Opti
             "enable gradient clipping, or check the input weights")
 
 
-def run_train(cfg: dict, run_mode: str, resume=None) -> dict:
-    # One process: its output goes to output_dir/log/glm.log too (ranks of a distributed job are logged
-    # to log/rank_k/glm.log by their launcher).
-    out = Path(cfg.get("output_dir") or "./output")
-    run_id = new_run_id()
-    log_file = None if cfg.get("use_parallel") else out / LOG_NAME
-    with log_to_file(log_file, header_line(run_id, config_hash(cfg), run_mode)):
-        trainer = Trainer(cfg, run_mode)
+def run_train(cfg: RunConfig | dict, run_mode: str, resume=None) -> dict:
+    run = as_run(cfg)
+    with run_log(run) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
+        trainer = Trainer(run, run_mode)
         trainer.run_id = run_id
-        trainer.resume(resume if resume is not None else cfg.get("resume_training"))
+        trainer.resume(resume if resume is not None else run.resume_training)
         return trainer.train()
 
 

@@ -22,6 +22,7 @@ training checkpoint's meta, so `--resume_training` continues them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,13 +35,13 @@ from tqdm import tqdm
 
 from glm import GLMError
 from glm.build import Process, build_model, generation_config
-from glm.config import dataset_section
 from glm.dataset import build_dataset
 from glm.evaluate import generate_and_score, limit_samples, token_loss, with_prompt_format
 from glm.io import write_json_atomic, write_text_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric
 from glm.prompt_format import data_format
 from glm.runtime import ms
+from glm.settings import RunConfig
 
 LOSS_METRICS = ("eval_loss", "eval_perplexity")
 ADGEN_METRICS = tuple(f"eval_{k}" for k in SCORE_KEYS)
@@ -59,26 +60,25 @@ class EvalSettings:
     threshold: float
 
 
-def eval_settings(cfg: dict) -> Optional[EvalSettings]:
-    """The evaluation plan of a training config; None without `do_eval` (or with both intervals off)."""
-    if not cfg.get("do_eval"):
+def eval_settings(run: RunConfig) -> Optional[EvalSettings]:
+    """The evaluation plan of a training config; None without `do_eval`."""
+    if not run.do_eval:
         return None
-    step_iv, epoch_iv = int(cfg.get("eval_step_interval", 500)), int(cfg.get("eval_epoch_interval", -1))
+    step_iv, epoch_iv = run.eval_step_interval, run.eval_epoch_interval
     if step_iv <= 0 and epoch_iv <= 0:
         raise GLMError("do_eval: True but eval_step_interval and eval_epoch_interval are both <= 0 "
                        "(set one of them, e.g. eval_step_interval: 100)")
-    dataset_section(cfg, "eval_dataset")   # a missing block is an error now, not after the first interval
-    adgen = (cfg.get("metric") or {}).get("type", "ADGENMetric") == "ADGENMetric"
-    name = str(cfg.get("best_metric") or "eval_loss")
+    run.eval_data   # a missing block is an error now, not after the first interval
+    adgen = run.metric.type == "ADGENMetric"
+    name = run.best_metric or "eval_loss"
     name = name if name.startswith("eval_") else f"eval_{name}"   # HF accepts "loss" for "eval_loss"
     known = LOSS_METRICS + (ADGEN_METRICS if adgen else ())
     if name not in known:
         extra = "" if adgen else " (ROUGE/BLEU need metric.type: ADGENMetric)"
-        raise GLMError(f"best_metric: expected one of {list(known)}, got {cfg.get('best_metric')!r}{extra}")
-    greater = cfg.get("greater_is_better")
-    greater = name not in LOSS_METRICS if greater is None else bool(greater)
-    return EvalSettings(step_iv, epoch_iv, adgen, name, greater, int(cfg.get("early_stopping_patience") or 0),
-                        float(cfg.get("early_stopping_threshold") or 0.0))
+        raise GLMError(f"best_metric: expected one of {list(known)}, got {run.best_metric!r}{extra}")
+    greater = name not in LOSS_METRICS if run.greater_is_better is None else run.greater_is_better
+    return EvalSettings(step_iv, epoch_iv, adgen, name, greater, run.early_stopping_patience,
+                        run.early_stopping_threshold)
 
 
 @dataclass
@@ -104,13 +104,13 @@ class BestState:
 class TrainEvaluator:
     """Runs the evaluations of one training run; the trainer calls `due`, `run` and `should_stop`."""
 
-    def __init__(self, cfg: dict, settings: EvalSettings, model, proc: Process, out: Path, batch_size: int,
+    def __init__(self, run: RunConfig, settings: EvalSettings, model, proc: Process, out: Path, batch_size: int,
                  save_best: Callable[[dict], Path]):
-        self.cfg, self.s, self.model, self.proc, self.out = cfg, settings, model, proc, out
+        self.run, self.s, self.model, self.proc, self.out = run, settings, model, proc, out
         self.batch, self.save_best = batch_size, save_best
         self.state = BestState()
-        train = dataset_section(cfg, "train_dataset")
-        section = dataset_section(cfg, "eval_dataset")
+        train = dataclasses.asdict(run.train_data)
+        section = dataclasses.asdict(run.eval_data)
         self.format = data_format(train)
         if data_format(section) != self.format:
             print(f"warning: eval_dataset.data_loader.version {section['data_loader'].get('version')} differs from "
@@ -214,14 +214,14 @@ class TrainEvaluator:
 
     def _adgen(self) -> dict:
         if self.gen_model is None:
-            self.gen_model, _ = build_model(self.cfg, use_past=True, batch_size=self.batch)
+            self.gen_model, _ = build_model(self.run, use_past=True, batch_size=self.batch)
             self.generator = None
         self._copy_weights()
         if self.generator is None:
             from glm.generate import Generator
 
             self.generator = Generator(self.gen_model, use_cache=True)
-            self.gen_cfg = generation_config(self.cfg, self.gen_data.tokenizer)
+            self.gen_cfg = generation_config(self.run, self.gen_data.tokenizer)
         metric = ADGENMetric()
         mine = self.gen_indices[self.proc.rank::self.proc.world]
         generate_and_score(self.generator, self.gen_data, mine, self.gen_cfg, self.batch, metric, progress=False)

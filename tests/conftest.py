@@ -25,8 +25,11 @@ Session fixtures (all from configs/glm2/run_glm2_tiny*.yaml, `--load_checkpoint 
 TinyRun also gives `records` / `losses` (metrics.jsonl), `summary` (train_summary.json) and `log`
 (log/glm.log: everything the run printed). Helpers for driving the CLI are in tests/cli_utils.py.
 
-Markers: `slow` (multi-process or long runs, > ~20 s) runs in CI like every other test; deselect it
-locally with `-m "not slow"`.
+The fixtures work under pytest-xdist too (`-n 2`): keep new tests independent of order and of other
+tests' files.
+
+Markers: `slow` (multi-process or long runs, > ~20 s; every test that uses a shared run is marked
+automatically) runs in CI like every other test; deselect it locally with `-m "not slow"`.
 """
 
 from __future__ import annotations
@@ -70,6 +73,16 @@ class TinyRun:
         """A private copy of the run folder (checkpoints included) to resume or damage."""
         shutil.copytree(self.out, dest)
         return dest
+
+
+SHARED_RUNS = frozenset({"tiny_run", "tiny_trained", "tiny_lora"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a shared run may pay for training it: it is `slow` (deselect with -m "not slow")."""
+    for item in items:
+        if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:

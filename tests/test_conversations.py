@@ -12,8 +12,10 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
+from cli_utils import run_glm
 
 from glm import GLMError
 from glm.chat_format import chat_prompt_ids, normalize_messages, parse_reply, reply_text
@@ -247,6 +249,9 @@ def test_column_mapping_for_conversations(tmp_path):
     expected, _ = chatglm3_like(tok, [{"role": "system", "content": "Shop.\n" + json.dumps([{"name": "f"}], indent=4)},
                                       *conv])
     assert ids == expected
+    twice = write_lines(tmp_path / "twice.json", [{"messages": [{"role": "system", "content": "A."}, *conv], "sys": "B."}])
+    with pytest.raises(GLMError, match="line 1: two system prompts"):
+        load(twice, tok, phase="eval", columns=cols)
     # Tools and no system turn: ChatGLM3's tool prompt carries them.
     path = write_lines(tmp_path / "t.json", [{"conversations": conv, "tools": [{"name": "f"}]}])
     ids, _ = unpadded(load(path, tok)[1], 0)
@@ -292,6 +297,19 @@ def test_history_builds_chatglm2_round_prompt(tmp_path, capsys):
         load(path, ChatGLM3Tokenizer(SAMPLE / "tokenizer.model"), fmt="adgen", version=3, columns=cols)
 
 
+def test_adgen_rows_that_do_not_fit_the_columns(tmp_path, capsys):
+    tok = ChatGLM2Tokenizer(SAMPLE / "tokenizer.model")
+    path = write_lines(tmp_path / "qa.json", [{"q": "类型#裙", "a": "这款裙子"}, {"q": "类型#裤", "answer": "这款裤子"}])
+    cols = {"prompt": "q", "response": "a"}
+    records, _, stats = load(path, tok, fmt="adgen", version=2, columns=cols)
+    assert [r.line for r in records] == [1] and stats["skipped"]["missing_key"] == 1
+    assert "skipped 1 of 2 lines (missing_key 1); first at lines 2" in capsys.readouterr().err
+    with pytest.raises(GLMError) as e:
+        load(path, tok, fmt="adgen", phase="eval", version=2, columns=cols)
+    assert str(e.value) == (f"dataset file {str(path)!r} line 2: no 'a' key (the line has 'q', 'answer'); set "
+                            "data_loader.columns (prompt/response) or origin_columns to the file's keys")
+
+
 def test_config_accepts_format_and_columns():
     from glm.config import load_config
 
@@ -302,6 +320,12 @@ def test_config_accepts_format_and_columns():
     with pytest.raises(GLMError, match="unknown key 'train_dataset.data_loader.columns.prompts'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
                     ["train_dataset.data_loader.columns.prompts=q"])
+    with pytest.raises(GLMError, match="train_dataset.data_loader.format: conversations needs "
+                                       "train_dataset.tokenizer.type: ChatGLM3Tokenizer"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
+                    ["train_dataset.tokenizer.type=ChatGLM2Tokenizer"])
+    with pytest.raises(GLMError, match="eval_dataset.data_loader.columns.history: not used by format 'conversations'"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["eval_dataset.data_loader.columns.history=h"])
     with pytest.raises(GLMError, match="data_loader.format: expected one of 'adgen', 'conversations'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["train_dataset.data_loader.format=chat"])
 
@@ -323,8 +347,9 @@ def test_shipped_chat_sample_regenerates_and_uses_the_tiny_tokenizers_pieces(tmp
     tok = ChatGLM3Tokenizer(SAMPLE / "tokenizer.model")
     kinds = {"tool": 0, "rounds": 0, "single": 0}
     for name in ("chat_train.json", "chat_dev.json"):
-        records, _, stats = load(SAMPLE / name, tok, src=192, tgt=63)
-        assert stats["samples"] == len(records) == stats["lines_read"] and stats["dropped_turns"] == 0
+        records, _, stats = load(SAMPLE / name, tok, src=192, tgt=71)  # the chat config's lengths
+        assert stats["samples"] == len(records) == stats["lines_read"]
+        assert stats["dropped_turns"] == stats["truncated_target"] == 0   # every line fits whole
         for r in records:
             roles = [m.role for m in r.messages]
             kinds["tool" if "observation" in roles else "rounds" if roles.count("user") > 1 else "single"] += 1
@@ -335,3 +360,42 @@ def test_shipped_chat_sample_regenerates_and_uses_the_tiny_tokenizers_pieces(tmp
                 assert not [p for p in pieces if p.startswith("<0x") and int(p[3:5], 16) >= 0x80], m.content
                 assert cjk or m.role in ("system",)
     assert min(kinds.values()) >= 10, kinds
+
+
+# ---------------------------------------------------------------- fine-tune and answer (the CLI, as a user would)
+
+def test_tiny_glm3_learns_the_shipped_conversations_and_answers_tool_calls(tmp_path):
+    """Fine-tune on the first 12 lines of the shipped sample (tool calls, two-round and single requests; 180 steps,
+    ~30 s on an idle 2-core machine), then predict on prompts taken from it: the tool call (name + JSON arguments) after the system turn with tools,
+    the answer after the observation, and the second round of a dialogue: each is the trained reply, greedy;
+    eval on the same lines scores them against those replies."""
+    lines = (SAMPLE / "chat_train.json").read_text(encoding="utf-8").splitlines()[:12]
+    rows = [json.loads(line) for line in lines]
+    train = write_lines(tmp_path / "train.json", lines)
+    tool_row = next(r for r in rows if "tools" in r)
+    rounds_row = next(r for r in rows if sum(m["role"] == "user" for m in r["conversations"]) == 2)
+    call_at = next(i for i, m in enumerate(tool_row["conversations"]) if m.get("metadata"))
+    prompts = write_lines(tmp_path / "prompts.json", [
+        {"tools": tool_row["tools"], "conversations": tool_row["conversations"][:call_at + 1]},  # -> the tool call
+        tool_row, rounds_row])
+    out = tmp_path / "run"
+    run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "finetune",
+            f"train_dataset.data_loader.dataset_dir={train}", f"output_dir={out}", "runner_config.epochs=60",
+            "lr_schedule.learning_rate=3.e-3", "lr_schedule.warmup_steps=5", timeout=900)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 180 and losses[0] > 5 and np.mean(losses[-10:]) < 0.02 * losses[0]
+    ckpt = next((out / "checkpoint_network").rglob("*.ckpt"))
+    run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "predict", "--predict_data",
+            str(prompts), f"--load_checkpoint={ckpt}", f"output_dir={out}", timeout=600)
+    results = [json.loads(line) for line in (out / "predict_results.jsonl").read_text(encoding="utf-8").splitlines()]
+    call = tool_row["conversations"][call_at]
+    assert results[0]["reference"] == f"find_item\n{call['content']}"
+    for r in results:
+        assert r["response"] == r["reference"], r
+    # Eval on the same file: prompts up to the last assistant turn, the tool call scored as "name\n{arguments}".
+    run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "eval", f"--load_checkpoint={ckpt}",
+            f"eval_dataset.data_loader.dataset_dir={prompts}", f"output_dir={out}", timeout=600)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(p["prediction"], p["reference"]) for p in preds] == [(r["reference"], r["reference"]) for r in results]
+    assert json.loads((out / "metrics.json").read_text())["rouge-l"] == pytest.approx(100.0)

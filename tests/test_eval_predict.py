@@ -142,8 +142,11 @@ def test_eval_writes_scores_and_one_prediction_per_sample(trained, oracle, tmp_p
         assert tok.decode(prompt).startswith("[Round 1]\n\n问：" + preds[i]["prompt"][:10])
         if i == 5:    # row 1 of the second batch
             assert preds[i]["prediction"] == oracle.answer_ids(prompt, max_length=128)
-    # The scores are printed too.
+    # The scores are printed too, and the output is in output_dir/log/glm.log under the run's header.
     assert "rouge-1 {:.4f}".format(metrics["rouge-1"]) in proc.stdout
+    log = (tmp_path / "log" / "glm.log").read_text(encoding="utf-8")
+    assert log.startswith("=== run ") and "(eval, config " in log.splitlines()[0]
+    assert all(line in log for line in proc.stdout.splitlines())
 
 
 def test_eval_prompts_are_the_training_prompts_when_they_fit(oracle):

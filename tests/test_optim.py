@@ -7,14 +7,16 @@ Everything runs in-process on small tensors (a few seconds, most of it graph com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from glm import GLMError
-from glm.optim import AdamW, LRSchedule, build_optimizer, build_schedule
+from glm.optim import AdamW, LRSchedule, build_optimizer, build_schedule, lr_multiplier
 from glm.runtime import ms, setup_context
+from glm.settings import LRScheduleConfig, OptimizerConfig
 from glm.train_step import TrainStep
 
 LR = 1e-3
@@ -65,28 +67,51 @@ def test_cosine_and_constant_values():
     assert [c(t) for t in (0, 1, 2, 5, 9, 10)] == pytest.approx([LR / 2, LR, LR, LR, LR, LR], rel=1e-12)
     # MindFormers' names map to the same schedules
     assert LRSchedule("CosineWithWarmUpLR", LR, 10)(5) == LRSchedule("cosine", LR, 10)(5)
+    assert LRSchedule("constant_with_warmup", LR, 10, 2)(0) == LRSchedule("ConstantWarmUpLR", LR, 10, 2)(0)
     with pytest.raises(GLMError, match="lr_schedule.type"):
-        LRSchedule("linear", LR, 10)
+        LRSchedule("cosine_with_restarts", LR, 10)
+
+
+def test_linear_decays_to_zero_as_mindformers_linear_with_warmup():
+    # MindFormers' LinearWithWarmUpLR after warmup: lr * (T - t) / (T - W), no lr_end.
+    s = LRSchedule("linear", LR, total_steps=10, warmup_steps=2, lr_end=5e-4)
+    assert [s(t) for t in (2, 6, 10)] == pytest.approx([LR, LR * 4 / 8, 0.0], rel=1e-12)
+    assert s.lr_end == 0.0 and LRSchedule("LinearWithWarmUpLR", LR, 10)(3) == LRSchedule("linear", LR, 10)(3)
+
+
+def test_cosine_num_cycles():
+    s = LRSchedule("cosine", LR, total_steps=10, num_cycles=1.0)   # a full cosine wave: back up at the end
+    assert s(5) == pytest.approx(0.0, abs=1e-15) and s(10) == pytest.approx(LR, rel=1e-12)
+
+
+def _section(**kw) -> LRScheduleConfig:
+    return dataclasses.replace(LRScheduleConfig(), **kw)
 
 
 def test_build_schedule_reads_the_config_section():
-    s = build_schedule({"type": "polynomial", "learning_rate": 2e-3, "warmup_ratio": 0.1, "total_steps": -1,
-                        "lr_end": 1e-5}, total_steps=100)
+    s = build_schedule(_section(type="polynomial", learning_rate=2e-3, warmup_ratio=0.1, lr_end=1e-5),
+                       total_steps=100)
     assert [s(0), s(9), s(100)] == pytest.approx([2e-4, 2e-3, 1e-5], rel=1e-12)
-    s = build_schedule({"learning_rate": 1e-3, "total_steps": 20}, total_steps=100)   # explicit total wins
+    s = build_schedule(_section(learning_rate=1e-3, total_steps=20), total_steps=100)   # explicit total wins
     assert s(10) == pytest.approx(5e-4, rel=1e-12) and s(20) == 0.0
+    s = build_schedule(_section(learning_rate=1e-3, warmup_epochs=0.5), total_steps=100, steps_per_epoch=20)
+    assert s.warmup == 10
+    # lr_scale: lr x global batch / lr_scale_factor (MindFormers), e.g. 64 / 256
+    s = build_schedule(_section(learning_rate=1e-3, type="constant"), 100, scale=lr_multiplier(True, 256, 64))
+    assert s(50) == pytest.approx(2.5e-4, rel=1e-12) and lr_multiplier(False, 256, 64) == 1.0
 
 
 # ------------------------------------------------------------------------------------------ AdamW
-def adamw_reference(p, grads, lrs, b1, b2, eps, wd):
-    """Decoupled AdamW with bias correction, float64."""
+def adamw_reference(p, grads, lrs, b1, b2, eps, wd, bias_correction=True):
+    """Decoupled AdamW, float64: torch's AdamW (bias-corrected) or MindSpore's AdamWeightDecay (not)."""
     p = p.astype(np.float64)
     m, v = np.zeros_like(p), np.zeros_like(p)
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
         g = g.astype(np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        upd = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if bias_correction else (1.0, 1.0)
+        upd = (m / c1) / (np.sqrt(v / c2) + eps)
         p = p - lr * wd * p - lr * upd
     return p
 
@@ -112,13 +137,33 @@ def test_adamw_matches_numpy_and_decays_only_matrices():
     assert np.abs(adamw_reference(b0, gb, lrs, b1, b2, eps, wd) - b_ref).max() > 1e-2
 
 
-def test_build_optimizer_checks_its_section():
-    p = ms.Parameter(ms.Tensor(np.zeros((2, 2), np.float32)), name="opt_test.p")
-    assert isinstance(build_optimizer({"type": "FP32StateAdamWeightDecay"}, [p]), AdamW)
-    with pytest.raises(GLMError, match="optimizer.type"):
-        build_optimizer({"type": "SGD"}, [p])
+@pytest.mark.parametrize("kind", ["AdamWeightDecay", "FP32StateAdamWeightDecay", "FusedAdamWeightDecay", "AdamW"])
+def test_optimizer_types_compute_their_namesakes(kind):
+    """AdamWeightDecay and its MindFormers variants: MindSpore's update, no bias correction; AdamW: torch's."""
+    rs = np.random.RandomState(2)
+    w0, h0 = rs.randn(3, 4).astype(np.float32), rs.randn(3, 4).astype(np.float16)
+    w = ms.Parameter(ms.Tensor(w0), name=f"{kind}.w")                 # fp32: the fused kernel
+    h = ms.Parameter(ms.Tensor(h0, ms.float16), name=f"{kind}.h")     # fp16: the elementwise path
+    section = dataclasses.replace(OptimizerConfig(), type=kind, beta1=0.9, beta2=0.95, eps=1e-8,
+                                  weight_decay=0.1)
+    opt = build_optimizer(section, [w, h])
+    grads = [rs.randn(3, 4).astype(np.float32) for _ in range(3)]
+    lrs = [0.01, 0.01, 0.005]
+    for t in range(3):
+        g = ms.Tensor(grads[t])
+        opt((g, g.astype(ms.float16)), ms.Tensor(lrs[t], ms.float32), ms.Tensor(float(t + 1), ms.float32))
+    corrected = kind == "AdamW"
+    ref = adamw_reference(w0, grads, lrs, 0.9, 0.95, 1e-8, 0.1, bias_correction=corrected)
+    other = adamw_reference(w0, grads, lrs, 0.9, 0.95, 1e-8, 0.1, bias_correction=not corrected)
+    assert np.abs(w.asnumpy() - ref).max() < 1e-6
+    assert np.abs(other - ref).max() > 1e-3             # the two updates are far apart
+    ref_h = adamw_reference(h0.astype(np.float32), grads, lrs, 0.9, 0.95, 1e-8, 0.1, bias_correction=corrected)
+    assert np.abs(h.asnumpy().astype(np.float64) - ref_h).max() < 5e-3   # fp16 storage
+
+
+def test_build_optimizer_needs_parameters():
     with pytest.raises(GLMError, match="no trainable parameters"):
-        build_optimizer({}, [])
+        build_optimizer(OptimizerConfig(), [])
 
 
 # ------------------------------------------------------------------------------------------ clipping

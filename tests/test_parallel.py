@@ -13,7 +13,6 @@ import pytest
 import glm.runtime  # noqa: F401  (sets GLOG_v before mindspore is imported)
 from glm import GLMError
 from glm.parallel import (
-    CPU_PARALLEL_ERROR,
     SEMI_AUTO_FULL_BATCH_ERROR,
     check_parallel_support,
     data_parallel_plan,
@@ -25,17 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import transform_ckpt  # noqa: E402
 
 
-@pytest.mark.parametrize("cfg_parallel, parallel_config", [
-    ({}, {"model_parallel": 2}),
-    ({}, {"pipeline_stage": 2}),
-    ({"parallel_mode": "semi_auto_parallel"}, {}),
-    ({"parallel_mode": 1}, {"model_parallel": 1}),
+@pytest.mark.parametrize("cfg_parallel, parallel_config, wrong", [
+    ({}, {"model_parallel": 2}, "parallel_config.model_parallel: 2 needs Ascend or GPU; on CPU use 1"),
+    ({}, {"pipeline_stage": 2}, "parallel_config.pipeline_stage: 2 needs Ascend or GPU; on CPU use 1"),
+    ({"parallel_mode": "semi_auto_parallel"}, {},
+     "parallel.parallel_mode: 'semi_auto_parallel' (semi_auto_parallel) needs Ascend or GPU; on CPU use 0 "
+     "(data parallel)"),
+    ({"parallel_mode": 1}, {"model_parallel": 1},
+     "parallel.parallel_mode: 1 (semi_auto_parallel) needs Ascend or GPU; on CPU use 0 (data parallel)"),
 ])
-def test_cpu_refuses_model_parallel(cfg_parallel: dict, parallel_config: dict) -> None:
-    # The check runs before mindspore.communication.init(), so no cluster is needed.
+def test_cpu_refuses_model_parallel(cfg_parallel: dict, parallel_config: dict, wrong: str) -> None:
+    # The check runs before mindspore.communication.init(), so no cluster is needed. The message names the
+    # key that is wrong, not model_parallel/pipeline_stage when they are 1.
     with pytest.raises(GLMError) as e:
         init_distributed(cfg_parallel, parallel_config, "CPU")
-    assert str(e.value) == CPU_PARALLEL_ERROR
+    assert str(e.value) == wrong
 
 
 def test_parallel_support_accepts() -> None:

@@ -293,6 +293,10 @@ def test_nonfinite_loss_stops_with_one_line_naming_the_last_checkpoint(tmp_path)
     assert last.is_file()
     assert line.startswith(f"error: step {step}: the loss is nan; training stopped, last good checkpoint: {last}. ")
     assert not (out / "checkpoint_network").exists()       # no final weights from a diverged run
+    # output/log/glm.log has what the terminal showed, ending with the same error line
+    log = (out / "log" / "glm.log").read_text().splitlines()
+    assert log[0].startswith("=== run ") and log[-1] == line
+    assert all(ln in log for ln in proc.stdout.splitlines())
 
 
 def test_nonfinite_gradients_with_a_finite_loss_are_named_as_such():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from glm import GLMError
+from glm.validate import INERT, NONE, NOTICE, REFUSED, key
 
 # P-Tuning v2 settings live here, free of MindSpore, so that reading a config never imports it;
 # the prefix encoder itself is glm/model/ptuning.py.
@@ -37,10 +38,10 @@ def ptuning_settings(pet_config: Optional[dict], where: str = "model.model_confi
     known = {f.name for f in dataclasses.fields(PTuningSettings)}
     values = {k: v for k, v in pet_config.items() if k in known and v is not None}
     s = PTuningSettings(**values)
-    for key in ("pre_seq_len", "projection_dim"):
-        v = getattr(s, key)
+    for name in ("pre_seq_len", "projection_dim"):
+        v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise GLMError(f"{where}.{key}: expected a positive integer, got {v!r}")
+            raise GLMError(f"{where}.{name}: expected a positive integer, got {v!r}")
     if not 0.0 <= float(s.dropout_prob) < 1.0:
         raise GLMError(f"{where}.dropout_prob: expected a probability in [0, 1), got {s.dropout_prob!r}")
     return s
@@ -50,53 +51,83 @@ def ptuning_settings(pet_config: Optional[dict], where: str = "model.model_confi
 class GLMConfig:
     """ChatGLM2-6B and ChatGLM3-6B share this architecture; only the tokenizer differs."""
 
-    num_layers: int = 28
-    padded_vocab_size: int = 65024
-    hidden_size: int = 4096
-    ffn_hidden_size: int = 13696
-    kv_channels: int = 128
-    num_attention_heads: int = 32
-    multi_query_attention: bool = True
-    multi_query_group_num: int = 2
-    seq_length: int = 2048
-    layernorm_epsilon: float = 1e-5
-    rmsnorm: bool = True
-    post_layer_norm: bool = True
-    apply_residual_connection_post_layernorm: bool = False
-    add_bias_linear: bool = False
-    add_qkv_bias: bool = True
-    rope_ratio: float = 1.0
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    param_init_type: str = "float32"
-    compute_dtype: str = "float32"
-    layernorm_compute_type: str = "float32"
-    use_past: bool = False
-    use_flash_attention: bool = False
-    is_dynamic: bool = False          # export: a dynamic prompt-length dimension in the prefill graph
-    batch_size: int = 1
-    eos_token_id: Any = 2
-    pad_token_id: int = 0
-    # Generation defaults (MindFormers keeps them in the model section).
-    max_decode_length: int = 256
-    repetition_penalty: float = 1.0
-    top_k: int = 1
-    top_p: float = 1.0
-    do_sample: bool = False
-    # Accepted for compatibility with MindFormers YAMLs; they do not change the math here.
-    apply_query_key_layer_scaling: bool = True
-    attention_softmax_in_fp32: bool = True
-    fp32_residual_connection: bool = False
-    bias_dropout_fusion: bool = True
-    quantization_bit: int = 0
+    # Architecture (MindFormers' ChatGLM2Config; GLM3 uses it too).
+    num_layers: int = key(28, "transformer layers", min=1)
+    padded_vocab_size: int = key(65024, "embedding/output rows (>= the tokenizer's vocabulary)", min=1)
+    hidden_size: int = key(4096, "model width (= num_attention_heads x kv_channels)", min=1)
+    ffn_hidden_size: int = key(13696, "SwiGLU inner width", min=1)
+    kv_channels: int = key(128, "head dimension (rotary on half of it)", min=1)
+    num_attention_heads: int = key(32, "query heads", min=1)
+    multi_query_attention: bool = key(True, "grouped key/value heads (GQA)")
+    multi_query_group_num: int = key(2, "key/value heads with multi_query_attention", min=1)
+    seq_length: int = key(2048, "static sequence length: training samples and the KV cache", min=1)
+    layernorm_epsilon: float = key(1e-5, "RMSNorm epsilon", min=0)
+    rmsnorm: bool = key(True, "RMSNorm (the only norm of ChatGLM2/3)")
+    post_layer_norm: bool = key(True, "final norm before the output layer (ChatGLM2/3 have it)", status=REFUSED,
+                                note="a model without the final norm is not implemented")
+    apply_residual_connection_post_layernorm: bool = key(False, "must be False for ChatGLM2/3")
+    add_bias_linear: bool = key(False, "biases on the dense layers")
+    add_qkv_bias: bool = key(True, "bias on the query/key/value projection")
+    rope_ratio: float = key(1.0, "RoPE base = 10000 x rope_ratio", min=0)
+    hidden_dropout: float = key(0.0, "dropout before the residual adds", min=0)
+    attention_dropout: float = key(0.0, "dropout on attention probabilities", min=0)
+    param_init_type: str = key("float32", "parameter dtype: float32, float16, bfloat16 (bf16 runs as fp32 on CPU)")
+    compute_dtype: str = key("float32", "matmul dtype: float32, float16, bfloat16")
+    layernorm_compute_type: str = key("float32", "norm and residual dtype")
+    initializer_range: float = key(0.02, "std of the random initialisation", min=0, ours=True)
+    apply_query_key_layer_scaling: bool = key(
+        True, "True: scores scaled by 1/sqrt(head_dim) in fp32", status=REFUSED,
+        note="False (no 1/sqrt(d) scaling at all in MindFormers) is not implemented")
+    attention_softmax_in_fp32: bool = key(True, "softmax in float32", status=NOTICE,
+                                          note="the softmax is always float32 here")
+    fp32_residual_connection: bool = key(False, "stored only by MindFormers", status=INERT)
+    bias_dropout_fusion: bool = key(True, "kernel fusion switch, stored only by MindFormers", status=INERT)
+    softmax_compute_type: str = key("float32", "not read by MindFormers' GLM2", status=INERT)
+    embedding_type: str = key("float32", "embedding table dtype", status=NOTICE, off=("float32",),
+                              note="the embedding follows param_init_type here")
+    quantization_bit: int = key(0, "weight quantisation bits (0: none)", min=0, status=REFUSED,
+                                note="quantised models are not implemented")
     # P-Tuning v2 is configured in pet_config (pet_type: ptuning2), as MindFormers does; these two
-    # model-level keys may only repeat its values (see `prefix_len`).
-    pre_seq_len: Optional[int] = None
-    prefix_projection: bool = False
-    checkpoint_name_or_path: str = ""
-    type: str = "ChatGLM2Config"
-    initializer_range: float = 0.02
-    pet_config: Optional[dict] = None
+    # model-level keys may only repeat its values (see `prefix_len`, `_check_prefix_keys`).
+    pre_seq_len: Optional[int] = key(None, "P-Tuning v2 prefix length: only with pet_config.pet_type ptuning2 "
+                                     "and equal to pet_config.pre_seq_len", kind=(int, NONE), min=0)
+    prefix_projection: bool = key(False, "P-Tuning v2 prefix MLP: only with pet_config.pet_type ptuning2 and "
+                                  "as pet_config.prefix_projection")
+    # Inference and export.
+    use_past: bool = key(False, "KV cache: generation always uses it here, training never")
+    is_dynamic: bool = key(False, "export: a dynamic prompt-length dimension in the prefill graph")
+    batch_size: int = key(1, "KV-cache/export batch (predict uses the prompt count)", min=1)
+    use_flash_attention: bool = key(False, "FlashAttention kernel", status=NOTICE, note="no kernel on CPU")
+    use_prompt_flash_attention: bool = key(False, "prefill FlashAttention kernel", status=NOTICE)
+    use_incre_flash_attention: bool = key(False, "decode FlashAttention kernel", status=NOTICE)
+    use_paged_attention: bool = key(False, "paged KV cache", status=NOTICE)
+    block_size: int = key(16, "paged attention block", min=1, status=INERT)
+    num_blocks: int = key(224, "paged attention blocks", min=1, status=INERT)
+    use_kvcache_op: bool = key(False, "fused KV-cache update op", status=NOTICE)
+    is_flexible_shape: bool = key(False, "flexible export shapes", status=NOTICE)
+    is_sample_acceleration: bool = key(False, "sampling on device", status=NOTICE)
+    no_recompute_layers: Optional[list] = key(None, "layers exempt from recompute", kind=(list, NONE),
+                                              status=NOTICE)
+    mask_type: Optional[str] = key(None, "derived in MindFormers", kind=(str, NONE), status=INERT)
+    gmask_token_id: Optional[int] = key(None, "the tokenizer defines it", kind=(int, NONE), status=INERT)
+    bos_token_id: Optional[int] = key(None, "the tokenizer defines it", kind=(int, NONE), status=INERT)
+    vocab_size: Optional[int] = key(None, "derived: padded_vocab_size is what counts", kind=(int, NONE),
+                                    status=INERT)
+    eos_token_id: Any = key(2, "end-of-sequence id(s); the tokenizer's stop tokens are added", kind=(int, list))
+    pad_token_id: int = key(0, "padding id: attention ignores it, labels of it are -100", min=0)
+    # Generation defaults (MindFormers keeps them in the model section).
+    max_decode_length: int = key(256, "total length (prompt + answer) of generation; capped at seq_length",
+                                 min=1)
+    repetition_penalty: float = key(1.0, "CTRL-style penalty on tokens already present (1: none)", min=0)
+    top_k: int = key(1, "sample among the k likeliest tokens (1 = greedy)", min=0)
+    top_p: float = key(1.0, "nucleus sampling mass", min=0)
+    do_sample: bool = key(False, "sample (True) or greedy (False); top_k 1 is greedy either way")
+    temperature: float = key(1.0, "softmax temperature when sampling", min=0, ours=True)
+    checkpoint_name_or_path: str = key("", "MindFormers replaces it by load_checkpoint; set load_checkpoint",
+                                       status=INERT)
+    type: str = key("ChatGLM2Config", "config class name", status=INERT)
+    pet_config: Optional[dict] = key(None, "parameter-efficient fine-tuning (LoRA; see PetConfig)",
+                                     kind=(dict, NONE))
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ derived shapes
@@ -130,12 +161,12 @@ class GLMConfig:
 
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {}
-        for key, value in (d or {}).items():
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
+        for name, value in (d or {}).items():
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise GLMError(f"{where}: unknown key {key!r}{hint}")
-            kwargs[key] = value
+                raise GLMError(f"{where}: unknown key {name!r}{hint}")
+            kwargs[name] = value
         cfg = cls(**kwargs)
         cfg.validate(where)
         return cfg
@@ -187,12 +218,12 @@ class GLMConfig:
         pet_config.pet_type ptuning2 (which MindFormers reads) and agree with it."""
         p = self.ptuning
         if p is None:
-            if self.pre_seq_len is not None or self.prefix_projection:
-                key = "pre_seq_len" if self.pre_seq_len is not None else "prefix_projection"
-                raise GLMError(f"{where}.{key}: P-Tuning v2 is set in {where}.pet_config: {{pet_type: ptuning2, "
-                               f"pre_seq_len: N, prefix_projection: ...}}; without it {key} would be ignored")
+            if self.pre_seq_len or self.prefix_projection:   # 0 means none, as in MindFormers
+                name = "pre_seq_len" if self.pre_seq_len else "prefix_projection"
+                raise GLMError(f"{where}.{name}: P-Tuning v2 is set in {where}.pet_config: {{pet_type: ptuning2, "
+                               f"pre_seq_len: N, prefix_projection: ...}}; without it {name} would be ignored")
             return
-        if self.pre_seq_len is not None and self.pre_seq_len != p.pre_seq_len:
+        if self.pre_seq_len and self.pre_seq_len != p.pre_seq_len:
             raise GLMError(f"{where}.pre_seq_len: {self.pre_seq_len} but {where}.pet_config.pre_seq_len is "
                            f"{p.pre_seq_len}; make them equal (or drop the model-level key)")
         if self.prefix_projection and not p.prefix_projection:
