@@ -68,7 +68,7 @@ def eval_settings(run: RunConfig) -> Optional[EvalSettings]:
     if step_iv <= 0 and epoch_iv <= 0:
         raise GLMError("do_eval: True but eval_step_interval and eval_epoch_interval are both <= 0 "
                        "(set one of them, e.g. eval_step_interval: 100)")
-    run.eval_data   # a missing block is an error now, not after the first interval
+    run.dataset("eval_dataset")   # a missing block is an error now, not after the first interval
     adgen = run.metric.type == "ADGENMetric"
     name = run.best_metric or "eval_loss"
     name = name if name.startswith("eval_") else f"eval_{name}"   # HF accepts "loss" for "eval_loss"
