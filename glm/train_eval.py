@@ -106,7 +106,7 @@ class TrainEvaluator:
 
     def __init__(self, run: RunConfig, settings: EvalSettings, model, proc: Process, out: Path, batch_size: int,
                  save_best: Callable[[dict], Path]):
-        self.run, self.s, self.model, self.proc, self.out = run, settings, model, proc, out
+        self.config, self.s, self.model, self.proc, self.out = run, settings, model, proc, out
         self.batch, self.save_best = batch_size, save_best
         self.state = BestState()
         train = dataclasses.asdict(run.train_data)
@@ -214,14 +214,14 @@ class TrainEvaluator:
 
     def _adgen(self) -> dict:
         if self.gen_model is None:
-            self.gen_model, _ = build_model(self.run, use_past=True, batch_size=self.batch)
+            self.gen_model, _ = build_model(self.config, use_past=True, batch_size=self.batch)
             self.generator = None
         self._copy_weights()
         if self.generator is None:
             from glm.generate import Generator
 
             self.generator = Generator(self.gen_model, use_cache=True)
-            self.gen_cfg = generation_config(self.run, self.gen_data.tokenizer)
+            self.gen_cfg = generation_config(self.config, self.gen_data.tokenizer)
         metric = ADGENMetric()
         mine = self.gen_indices[self.proc.rank::self.proc.world]
         generate_and_score(self.generator, self.gen_data, mine, self.gen_cfg, self.batch, metric, progress=False)
