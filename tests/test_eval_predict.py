@@ -276,7 +276,7 @@ def test_chat_drops_old_turns_so_that_each_answer_has_room(oracle, monkeypatch):
     tok = oracle.tok()
     gen = generation_config(oracle.cfgs[TINY2], tok)
     assert gen.max_length == 64
-    monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, oracle.generator, gen))
+    monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, oracle.generator, gen, "glm2"))
     query = "类型#裙*颜色#红色*风格#简约*图案#格子"
     out = io.StringIO()
     glm.predict.run_chat({}, io.StringIO(f"{query}\n" * 3), out)     # EOF ends the chat like /exit
