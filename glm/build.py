@@ -81,7 +81,7 @@ def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Opt
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str, metas: Optional[list] = None) -> list[str]:
+                     run_mode: str, metas: Optional[list] = None, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
     `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
@@ -112,16 +112,18 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 _check_adapter(path, meta, lora)
                 if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                     used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode, metas=metas)
+                                             run_mode=run_mode, metas=metas, _adapter_follows=True)
                 if metas is not None:
                     metas.append(meta)
                 state = {k: v.asnumpy() for k, v in params.items()}
-                load_weights_into(model, state, strict=False, where=path)
+                load_weights_into(model, state, where=path, part="adapter")
                 used.append(path)
                 continue
             if metas is not None:
                 metas.append(meta)
-        load_weights(model, path, strict=not (lora and i > 0))
+        # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
+        part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
+        load_weights(model, path, part=part)
         used.append(path)
     return used
 

@@ -354,8 +354,6 @@ def load_adgen(path: str | Path, tokenizer: GLMTokenizer, *, phase: str, version
                ignore_pad_token_for_loss: bool = True,
                history_column: str | None = None) -> tuple[list[Record], dict[str, np.ndarray], dict]:
     """Read and preprocess a whole file once: returns (records, numpy samples, stats)."""
-    if phase not in ("train", "eval"):
-        raise GLMError(f"data_loader.phase: expected 'train' or 'eval', got {phase!r}")
     records, counts = read_jsonl(path, origin_columns, require_answer=phase == "eval", history_column=history_column)
     if phase == "train":
         samples, lstats = preprocess_train(tokenizer, records, max_source_length, max_target_length, version,

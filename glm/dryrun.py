@@ -15,7 +15,6 @@ checkpoint fills them: a 6B config is checked on a laptop in seconds (without a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import yaml
@@ -83,7 +82,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
 def _show_sample(run: RunConfig, name: str, mcfg) -> None:
     from glm.dataset import build_dataset  # imports mindspore.dataset; no graph is compiled
 
-    data = build_dataset(dataclasses.asdict(run.dataset(name)), batch_size=run.runner_config.batch_size,
+    data = build_dataset(run.dataset(name), batch_size=run.runner_config.batch_size,
                          seq_length=mcfg.seq_length if name == "train_dataset" else None, where=name)
     tok = data.tokenizer
     ids, labels = data.samples["input_ids"][0], data.samples["labels"][0]

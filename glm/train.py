@@ -75,7 +75,7 @@ class Trainer:
         self.model, self.lora = build_model(run)
         # Dropout masks from a saveable counter instead of the kernel's hidden RNG (exact resume).
         self.dropout_rng = use_counted_dropout(self.model, run.seed, self.proc.rank)
-        self.data = build_dataset(dataclasses.asdict(run.train_data), batch_size=self.batch_size,
+        self.data = build_dataset(run.train_data, batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
                                   shard_id=shards[1])
         self.steps_per_epoch = self.data.num_batches * self.data.repeat // self.accumulate

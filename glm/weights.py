@@ -56,6 +56,14 @@ _TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "grad_acc.", "moment1.", "moment2
                          "loss_scale", "beta1_power", "beta2_power", "last_overflow_iterator_step")
 
 State = dict  # dict[str, np.ndarray]
+# P-Tuning v2 (glm/model/ptuning.py): THUDM ChatGLM2 `ptuning/` names -> ours (= MindFormers'), and
+# MindFormers' derived arange(pre_seq_len) index buffer, which is not a weight.
+PREFIX_THUDM_NAMES = {
+    "transformer.prefix_encoder.embedding.weight": "prefix_encoder.mindpet_delta_ptuning2_embedding.embedding_table",
+    **{f"transformer.prefix_encoder.trans.{i}.{kind}": f"prefix_encoder.mindpet_delta_ptuning2_{name}.{kind}"
+       for i, name in ((0, "dense_in"), (2, "dense_out")) for kind in ("weight", "bias")},
+}
+PREFIX_INDEX_BUFFER = "prefix_encoder.mindpet_delta_ptuning2_prefix"
 
 
 def _warn(msg: str) -> None:
@@ -363,33 +371,50 @@ def _names(names: list, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_weights_into(net, state: State, strict: bool = True, where: str = "") -> tuple:
+def load_weights_into(net, state: State, strict: bool = True, where: str = "", part: str = "all") -> tuple:
     """Check names/shapes against `net`, cast to each parameter's dtype, load. Returns (missing, unexpected).
 
-    Shape mismatches always raise. Missing parameters raise in strict mode, except LoRA factors (a base
-    checkpoint never holds them), which get a warning line; KV-cache buffers (`*_cache`) are not weights.
-    Unexpected tensors get a warning line; optimizer/loop state (adam_m.*, global_step, ...) is skipped.
+    Shape mismatches always raise. Missing parameters raise in strict mode, except LoRA factors and the
+    P-Tuning prefix encoder (a base checkpoint never holds them), which get a warning line; KV-cache buffers
+    (`*_cache`) are not weights. Unexpected tensors get a warning line; optimizer/loop state (adam_m.*,
+    global_step, ...) is skipped. THUDM's P-Tuning names (`transformer.prefix_encoder.*`) are renamed; a
+    prefix for a model without one is an error (it would otherwise be silently dropped).
+    `part`: "base" - a base file under an adapter that follows (missing adapter parameters are expected);
+    "adapter" - an adapter file (base parameters come from elsewhere; its own must all be there).
     """
     ms = _ms()
     label = f"checkpoint {where}" if where else "checkpoint"
     if state and (OLD_MS_EMBED in state or _safe_layout(state) != "mindspore"):
         state = hf_to_ms(state)
     params = dict((name, p) for name, p in net.parameters_and_names())
+    prefix = sorted(k for k in state if k.startswith(("prefix_encoder.", "transformer.prefix_encoder.")))
+    if prefix and not any(n.startswith("prefix_encoder.") for n in params):
+        raise GLMError(f"{label}: holds a P-Tuning v2 prefix ({prefix[0]}) but the model has none; set "
+                       "model.model_config.pet_config: {pet_type: ptuning2, pre_seq_len: ...}")
+    state = {PREFIX_THUDM_NAMES.get(k, k): v for k, v in state.items() if k != PREFIX_INDEX_BUFFER}
     for name, value in state.items():
         if name in params and tuple(value.shape) != tuple(params[name].shape):
+            why = (" (the prefix file's pre_seq_len / prefix_projection / projection_dim differ from "
+                   "model.model_config.pet_config)" if name.startswith("prefix_encoder.") else "")
             raise GLMError(f"{label}: {name} has shape {tuple(value.shape)} "
-                           f"but the model expects {tuple(params[name].shape)}")
+                           f"but the model expects {tuple(params[name].shape)}{why}")
     missing = [n for n in params if n not in state and not n.endswith("_cache")]   # KV cache: runtime state
     unexpected = [n for n in state if n not in params and not n.startswith(_TRAIN_STATE_PREFIXES)]
-    hard_missing = [n for n in missing if ".lora_" not in n]
-    soft_missing = [n for n in missing if ".lora_" in n]
+    hard_missing = [n for n in missing if not _is_adapter(n)]
+    soft_missing = [n for n in missing if _is_adapter(n)]
+    if part == "adapter":
+        hard_missing, soft_missing = soft_missing, []
+        strict = True
+    elif part == "base":
+        soft_missing = []
     if hard_missing and strict:
         raise GLMError(f"{label}: {len(hard_missing)} model parameter(s) missing: {_names(hard_missing)}")
     if hard_missing:
         _warn(f"{label}: {len(hard_missing)} model parameter(s) not in the checkpoint, left as initialised: "
               f"{_names(hard_missing)}")
     if soft_missing:
-        _warn(f"{label}: {len(soft_missing)} LoRA parameter(s) not in the checkpoint, left as initialised: "
+        kind = "P-Tuning prefix" if soft_missing[0].startswith("prefix_encoder.") else "LoRA"
+        _warn(f"{label}: {len(soft_missing)} {kind} parameter(s) not in the checkpoint, left as initialised: "
               f"{_names(soft_missing)}")
     if unexpected:
         _warn(f"{label}: {len(unexpected)} tensor(s) not used by the model: {_names(unexpected)}")
@@ -403,6 +428,11 @@ def load_weights_into(net, state: State, strict: bool = True, where: str = "") -
     return missing, unexpected
 
 
+def _is_adapter(name: str) -> bool:
+    """LoRA factors and the P-Tuning prefix encoder: trained on top of a base, never in a base file."""
+    return ".lora_" in name or name.startswith("prefix_encoder.")
+
+
 def _safe_layout(state: State) -> str:
     try:
         return detect_layout(state)
@@ -410,6 +440,6 @@ def _safe_layout(state: State) -> str:
         return "mindspore"
 
 
-def load_weights(net, path: Union[str, os.PathLike], strict: bool = True) -> tuple:
+def load_weights(net, path: Union[str, os.PathLike], strict: bool = True, part: str = "all") -> tuple:
     """`load_weights_into` from a file or folder: .ckpt, .safetensors, pytorch .bin or a HF folder."""
-    return load_weights_into(net, read_weights(path), strict=strict, where=str(path))
+    return load_weights_into(net, read_weights(path), strict=strict, where=str(path), part=part)

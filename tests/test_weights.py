@@ -308,12 +308,12 @@ def test_load_weights_into_checks_names_and_shapes(tmp_path, capsys):
     missing, _ = W.load_weights_into(net, partial, strict=False)
     assert len(missing) == 7 and "left as initialised" in capsys.readouterr().err
 
-    extra = dict(state, **{"transformer.prefix_encoder.embedding.weight": np.zeros((2, 2), np.float32),
+    extra = dict(state, **{"transformer.rotary_scale.weight": np.zeros((2, 2), np.float32),
                            "adam_m.transformer.output_layer.weight": np.zeros((V, H), np.float32),
                            "global_step": np.array([3], np.int32)})
-    assert W.load_weights_into(net, extra) == ([], ["transformer.prefix_encoder.embedding.weight"])
+    assert W.load_weights_into(net, extra) == ([], ["transformer.rotary_scale.weight"])
     err = capsys.readouterr().err
-    assert "1 tensor(s) not used by the model: transformer.prefix_encoder.embedding.weight" in err
+    assert "1 tensor(s) not used by the model: transformer.rotary_scale.weight" in err
     assert "adam_m" not in err
 
 

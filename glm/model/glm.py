@@ -225,7 +225,7 @@ class GreedyChunk(nn.Cell):
         for _ in range(self.steps):
             hidden, past = self.lm.cached_hidden(tokens, positions, past)
             logits = self.lm.logits(hidden.reshape(b, -1))
-            finite.append(ops.isfinite(logits.max(-1)))
+            finite.append(ops.isfinite(logits.max(axis=-1)))   # max(-1) is (values, indices) in PyNative
             tokens = ops.argmax(logits, -1).astype(ms.int32).reshape(b, 1)
             chosen.append(tokens)
             positions = ops.minimum(positions + 1, self.last_slot)
