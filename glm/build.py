@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -80,6 +81,14 @@ def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Opt
     return model, lora
 
 
+def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
+    """Every id the tokenizer can produce must index the embedding: checked before any graph is built."""
+    if tokenizer.vocab_size > mcfg.padded_vocab_size:
+        raise GLMError(f"{where}: the tokenizer ({tokenizer.vocab_file}) has {tokenizer.vocab_size} ids but "
+                       f"model.model_config.padded_vocab_size is {mcfg.padded_vocab_size}; use the model's own "
+                       "tokenizer or a padded_vocab_size of at least the tokenizer's size")
+
+
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
                      run_mode: str, metas: Optional[list] = None, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
@@ -100,7 +109,7 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
                            f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
         return []
-    used = []
+    used, adapter_loaded = [], False
     for i, path in enumerate(paths):
         if path == RANDOM_INIT:
             continue
@@ -118,14 +127,23 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 state = {k: v.asnumpy() for k, v in params.items()}
                 load_weights_into(model, state, where=path, part="adapter")
                 used.append(path)
+                adapter_loaded = True
                 continue
             if metas is not None:
                 metas.append(meta)
         # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
         part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
-        load_weights(model, path, part=part)
+        missing, _ = load_weights(model, path, part=part)
+        adapter_loaded |= bool(lora) and not any(_ADAPTER_MARK.search(n) for n in missing)
         used.append(path)
+    if lora and not adapter_loaded and run_mode not in ("train", "finetune"):
+        # Freshly initialised adapters are not the tuned model; a fine-tune from base weights is the normal case.
+        print(f"warning: no adapter loaded: --run_mode {run_mode} runs the adapters as initialised, not a tuned "
+              "model; pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
     return used
+
+
+_ADAPTER_MARK = re.compile(r"\.lora_|prefix_encoder\.")   # LoRA factors, P-Tuning v2 prefix encoder
 
 
 def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
@@ -184,7 +202,8 @@ def generation_config(cfg: RunConfig | dict, tokenizer, **overrides):
     eos_ids = sorted(set(tokenizer.stop_token_ids) | set(m.eos_token_ids))
     gen = GenerationConfig(max_length=m.max_decode_length, do_sample=m.do_sample, temperature=m.temperature,
                            top_k=m.top_k, top_p=m.top_p, repetition_penalty=m.repetition_penalty,
-                           eos_token_id=eos_ids, pad_token_id=m.pad_token_id, seed=run.seed)
+                           eos_token_id=eos_ids, pad_token_id=m.pad_token_id, seed=run.seed,
+                           vocab_size=tokenizer.vocab_size)
     for k, v in overrides.items():
         setattr(gen, k, v)
     if gen.do_sample and gen.top_k == 1:

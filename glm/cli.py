@@ -222,13 +222,18 @@ def run_mode_main(run_mode: str | None, opts: dict) -> None:
 
         dry_run(cfg, cfg["run_mode"])
         return
-    if cfg["run_mode"] == "chat":   # interactive: a transcript without the questions is no log
+    mode = cfg["run_mode"]
+    if mode == "chat":   # interactive: a transcript without the questions is no log
         RUN_MODES["chat"][0](cfg, opts)
         return
+    from glm.io import output_lock
     from glm.runlog import run_log
 
-    with run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
-        RUN_MODES[cfg["run_mode"]][0](cfg, opts)
+    # One writer per output folder, taken before anything is written there (the log included); a
+    # distributed job's lock is taken by its rank 0 in run_train.
+    with output_lock(cfg.get("output_dir") or "./output", what=mode, enabled=not cfg.get("use_parallel")), \
+            run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
+        RUN_MODES[mode][0](cfg, opts)
 
 
 def _run_mode_command(name: str, help_line: str, extra: list) -> click.Command:

@@ -19,7 +19,7 @@ import contextlib
 import numpy as np
 import yaml
 
-from glm.build import build_model, build_tokenizer, check_device, load_checkpoints
+from glm.build import build_model, build_tokenizer, check_device, check_vocab, load_checkpoints
 from glm.export import export_preflight
 from glm.model.glm import count_parameters
 from glm.run_inputs import DATA_OF_MODE, RANDOM_INIT, checkpoint_paths, tokenizer_section
@@ -73,6 +73,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
     if name is None:
         if run_mode in ("predict", "chat"):
             tok = build_tokenizer(run)
+            check_vocab(tok, model.config, tokenizer_section(run)[1])
             print(f"tokenizer: {tokenizer_section(run)[1]} ({tok.vocab_size} ids)")
         print(f"\n{run_mode} reads no dataset; dry run OK")
         return
@@ -85,6 +86,7 @@ def _show_sample(run: RunConfig, name: str, mcfg) -> None:
     data = build_dataset(run.dataset(name), batch_size=run.runner_config.batch_size,
                          seq_length=mcfg.seq_length if name == "train_dataset" else None, where=name)
     tok = data.tokenizer
+    check_vocab(tok, mcfg, f"{name}.tokenizer")
     ids, labels = data.samples["input_ids"][0], data.samples["labels"][0]
     real = ids[ids != mcfg.pad_token_id] if name == "train_dataset" else ids
     print(f"\nsample 0 of {len(data.records)} ({name}):")

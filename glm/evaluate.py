@@ -24,11 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import build_model, generation_config, init_process, load_checkpoints
-from glm.chat_format import parse_reply, reply_text
+from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
 from glm.dataset import build_dataset
 from glm.generate import Generator
-from glm.io import write_json_atomic
+from glm.io import ensure_dir, write_json_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric, PerplexityMetric
 from glm.prompt_format import FORMAT_VERSIONS, data_format, recorded_format, resolve_prompt_format
 from glm.runtime import ms
@@ -43,8 +42,9 @@ def run_eval(cfg: RunConfig | dict) -> dict:
     section = dataclasses.asdict(cfg.eval_data)
     phase = (section.get("data_loader") or {}).get("phase", "eval")
     metric_type = cfg.metric.type
-    out = Path(cfg.output_dir or "./output")
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(cfg.output_dir or "./output")
+    if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
+        (out / "metrics.json").unlink(missing_ok=True)
     batch = cfg.runner_config.batch_size
     if metric_type == "PerplexityMetric" or phase == "train":
         result = _perplexity(cfg, section, batch, out, proc.is_main)
@@ -99,8 +99,6 @@ def generate_and_score(generator: Generator, data, indices: list[int], gen_cfg, 
             prompts = [[int(t) for t in ids_all[i] if t != tok.pad_id] for i in idx]
             outputs = generator.generate(prompts, gen_cfg)
             preds = [data.prediction_text(o) for o in outputs]
-            if data.stats.get("format") == "conversations":  # "tool\n{args}" or the reply, as the reference
-                preds = [reply_text(*parse_reply(p)) for p in preds]
             records = [data.records[i] for i in idx]
             before = len(metric.per_sample)
             metric.update(preds, [r.answer for r in records], [r.line for r in records])
@@ -141,6 +139,7 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
     section = _load(cfg, model, lora, section)
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
+    check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     gen_cfg = generation_config(cfg, data.tokenizer)
@@ -168,6 +167,7 @@ def _perplexity(cfg: RunConfig, section: dict, batch: int, out: Path, write_stat
     model, lora = build_model(cfg)
     section = _load(cfg, model, lora, section)
     data = build_dataset(section, batch_size=batch, seq_length=model.config.seq_length, where="eval_dataset")
+    check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
     if write_stats:
         write_json_atomic(data.stats, out / STATS_FILE)
     model.set_train(False)

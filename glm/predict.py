@@ -13,10 +13,19 @@ import sys
 from pathlib import Path
 
 from glm import GLMError
-from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
+from glm.build import (
+    build_model,
+    build_tokenizer,
+    check_vocab,
+    generation_config,
+    init_process,
+    load_checkpoints,
+    tokenizer_section,
+)
 from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
+from glm.io import write_jsonl_atomic
 from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
 from glm.settings import RunConfig, as_run
 
@@ -44,6 +53,10 @@ def read_prompts(items: list[str]) -> list[str]:
         if not prompts:
             raise GLMError(f"--predict_data {path}: the file has no prompt")
         return prompts
+    for item in items:
+        if _looks_like_file(item):
+            raise GLMError(f"--predict_data {item}: no such file (one word ending in .txt/.json/.jsonl is read as "
+                           "a prompt file, not as a prompt)")
     prompts = [p.replace("\\n", "\n") for p in items]   # the reference's convention for a literal "\n"
     for i, p in enumerate(prompts):
         if not p.strip():
@@ -56,6 +69,13 @@ def _is_file(item: str) -> bool:
         return Path(item).is_file()
     except (OSError, ValueError):   # a long prompt is no file name (ENAMETOOLONG), nor one with a NUL
         return False
+
+
+def _looks_like_file(item: str) -> bool:
+    """A single word ending in .txt/.json/.jsonl that is not a file: a mistyped path, not a prompt."""
+    s = item.strip()
+    return (s.endswith((".txt", ".json", ".jsonl")) and not any(c.isspace() for c in s) and len(s) < 4096
+            and not _is_file(s))
 
 
 def _json_prompt(line: str, path: Path, no: int) -> str:
@@ -77,9 +97,7 @@ def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: 
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
-    if tok.vocab_size > model.config.padded_vocab_size:
-        raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
-                       f"{model.config.padded_vocab_size}")
+    check_vocab(tok, model.config, tokenizer_section(cfg)[1])
     metas: list[dict] = []
     load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode, metas=metas)
     fmt = resolve_prompt_format(requested_format or cfg.prompt_format, recorded_format(metas), family_format(tok))
@@ -104,12 +122,7 @@ def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> l
         r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
-    out = Path(run.output_dir or "./output")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "predict_results.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    tmp.replace(path)
+    path = write_jsonl_atomic(results, Path(run.output_dir or "./output") / "predict_results.jsonl")
     print(f"results: {path}", file=sys.stderr)
     return results
 

@@ -22,21 +22,24 @@ import numpy as np
 from tqdm import tqdm
 
 from glm import GLMError
-from glm.build import Process, build_model, init_process, load_checkpoints, peak_rss_mb
+from glm.build import Process, build_model, check_vocab, init_process, load_checkpoints, peak_rss_mb
 from glm.checkpoint import (
     checkpoint_name,
+    fingerprint_mismatch,
     list_checkpoints,
+    new_run_prefix,
     params_to_items,
+    parse_name,
     prune,
     rank_dir,
-    remove_stale_partials,
     resume_state,
+    run_fingerprint,
     save_atomic,
 )
 from glm.config import save_resolved
 from glm.dataset import build_dataset
 from glm.dropout import COUNTER_NAME, use_counted_dropout
-from glm.io import write_json_atomic
+from glm.io import output_lock, remove_stale_temps, write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule, lr_multiplier
 from glm.prompt_format import data_format
@@ -62,7 +65,8 @@ class Trainer:
         self.log_interval = (monitor.per_print_times if monitor and monitor.per_print_times
                              else runner.log_interval)
         ckpt = run.checkpoint
-        self.prefix = ckpt.prefix
+        self.base_prefix = ckpt.prefix
+        self.prefix: Optional[str] = None   # this run's file prefix: decided by resume() or at the start of train()
         self.save_steps = ckpt.save_checkpoint_steps
         self.keep = ckpt.keep_checkpoint_max
 
@@ -78,6 +82,8 @@ class Trainer:
         self.data = build_dataset(run.train_data, batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
                                   shard_id=shards[1])
+        check_vocab(self.data.tokenizer, self.model.config, "train_dataset.tokenizer")
+        self.fingerprint = run_fingerprint(self.model.config, self.lora, self.data.tokenizer)
         self.steps_per_epoch = self.data.num_batches * self.data.repeat // self.accumulate
         if self.steps_per_epoch == 0:
             raise GLMError(f"runner_config.gradient_accumulation_steps {self.accumulate} is larger than the "
@@ -133,7 +139,7 @@ class Trainer:
         return params + ([self.dropout_rng.counter] if self.dropout_rng else [])
 
     def resume(self, resume) -> None:
-        found = resume_state(resume, self.out, self.proc.rank) if resume else None
+        found = resume_state(resume, self.out, self.proc.rank, self.base_prefix) if resume else None
         if found is None:
             if resume and resume not in (True, "True", "true", "latest"):
                 raise GLMError(f"--resume_training {resume}: nothing to resume from")
@@ -141,6 +147,10 @@ class Trainer:
                 print("resume: no checkpoint found; starting from step 0", file=sys.stderr)
             return
         path, params, meta = found
+        why = fingerprint_mismatch(meta.get("fingerprint"), self.fingerprint)
+        if why:
+            raise GLMError(f"--resume_training {path}: that run had another model or tokenizer ({why}; checkpoint "
+                           "vs config); start without --resume_training, or set another --output_dir")
         own = {p.name: p for p in self._state_params()}
         if COUNTER_NAME in own and COUNTER_NAME not in params:   # written before dropout state was saved
             print(f"warning: {path} has no dropout random state; dropout masks will differ from the "
@@ -160,6 +170,7 @@ class Trainer:
         if self.skip >= self.steps_per_epoch:
             self.start_epoch, self.skip = self.start_epoch + 1, 0
         self.last_checkpoint = path
+        self.prefix = self._continued_prefix(path, latest=resume in (True, "True", "true", "latest"))
         if self.evaluator:
             self.evaluator.load_state_dict(meta.get("eval_state"), self.global_step)
         print(f"resumed from {path} at step {self.global_step} (epoch {self.start_epoch + 1}, "
@@ -190,13 +201,30 @@ class Trainer:
             return f"max_steps {self.stop_at} of {run}"
         return run
 
+    def _continued_prefix(self, path: Path, latest: bool) -> str:
+        """A resumed run writes on under the prefix of the file it resumed from when that file is its run's
+        newest in this rank's folder; resuming from an older file (or another folder) starts a new prefix,
+        so the later files of that run are not overwritten."""
+        parsed = parse_name(path.name)
+        here = rank_dir(self.out, self.proc.rank)
+        if parsed and path.parent.resolve() == here.resolve() and \
+                (latest or list_checkpoints(here, parsed[0])[-1] == path):
+            return parsed[0]
+        return new_run_prefix(self.out, self.base_prefix)
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         if self.nothing_to_do:
             print(f"nothing to train: {self.nothing_to_do}", flush=True)
             return {"run_mode": self.run_mode, "steps": self.global_step, "nothing_to_do": self.nothing_to_do}
+        if self.prefix is None:
+            self.prefix = new_run_prefix(self.out, self.base_prefix)
+            if self.prefix != self.base_prefix and self.proc.is_main:
+                print(f"{self.out} holds files of an earlier run with prefix {self.base_prefix!r}; this run names its "
+                      f"own {self.prefix}_rank_*.ckpt and leaves those alone (pass --resume_training to continue "
+                      "the earlier run instead)", flush=True)
         for kind in ("checkpoint", "checkpoint_network"):
-            for f in remove_stale_partials(rank_dir(self.out, self.proc.rank, kind)):
+            for f in remove_stale_temps(rank_dir(self.out, self.proc.rank, kind), depth=1):
                 print(f"removed {f}: a temporary file left by a killed run", flush=True)
         if self.proc.is_main:
             save_resolved(self.cfg, self.out)
@@ -325,7 +353,8 @@ class Trainer:
                 # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
                 "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
                 "base_checkpoint": self.base_checkpoint if self.lora else None, "prompt_format": self.prompt_format,
-                "rank": self.proc.rank, "world": self.proc.world, "config": self.cfg, **extra}
+                "rank": self.proc.rank, "world": self.proc.world, "run_prefix": self.prefix,
+                "fingerprint": self.fingerprint, "config": self.cfg, **extra}
 
     def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
         directory = rank_dir(self.out, self.proc.rank)
@@ -334,7 +363,7 @@ class Trainer:
                           schedule_steps=self.schedule.total,
                           eval_state=self.evaluator.state_dict() if self.evaluator else None)
         self.last_checkpoint = save_atomic(params_to_items(self._state_params()), path, meta)
-        prune(directory, self.keep)
+        prune(directory, self.keep, self.prefix, protect=self.last_checkpoint)
 
     def _save_weights(self, tag: Optional[str] = None, **extra) -> Path:
         """Weights-only file for eval/predict/merging: the whole model, or just the adapter (LoRA factors
@@ -363,8 +392,12 @@ def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Opti
 
 def run_train(cfg: RunConfig | dict, run_mode: str, resume=None) -> dict:
     run = as_run(cfg)
-    with run_log(run) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
-        trainer = Trainer(run, run_mode)
+    proc = init_process(run)
+    # One writer per output folder (re-entrant: the CLI holds it already for one process); rank 0 holds it
+    # for a distributed job.
+    with output_lock(run.output_dir or "./output", what=run_mode, enabled=proc.is_main), \
+            run_log(run) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
+        trainer = Trainer(run, run_mode, proc)
         trainer.run_id = run_id
         trainer.resume(resume if resume is not None else run.resume_training)
         return trainer.train()

@@ -130,7 +130,7 @@ def test_skipped_lines_warn_once(tmp_path, capsys):
     records, counts = read_jsonl(path)
     assert [r.line for r in records] == [1, 3, 8]
     assert counts == {"lines_read": 9, "skipped": {"blank_line": 1, "invalid_json": 2, "missing_key": 2,
-                                                   "empty_value": 1}}
+                                                   "wrong_type": 0, "empty_value": 1}}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "skipped 6 of 9 lines" in err[0] and "first at lines 2, 4, 5, 6, 7" in err[0]
