@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -14,10 +15,9 @@ from glm.model.config import GLMConfig
 from glm.model.glm import GLMForCausalLM
 from glm.model.lora import apply_lora, lora_settings
 from glm.model.ptuning import PET_TYPE as PTUNING_TYPE
+from glm.run_inputs import RANDOM_INIT, checkpoint_paths, tokenizer_section  # noqa: F401 (importable from here)
 from glm.runtime import ms, setup_context
-from glm.settings import RunConfig, TokenizerConfig, as_run
-
-RANDOM_INIT = "random"   # load_checkpoint value that asks for random initialisation (smoke tests)
+from glm.settings import RunConfig, as_run
 
 
 @dataclass
@@ -81,21 +81,22 @@ def build_model(cfg: RunConfig | dict, **overrides) -> tuple[GLMForCausalLM, Opt
     return model, lora
 
 
-def checkpoint_paths(value) -> list[str]:
-    """`load_checkpoint` may name several files (base weights, then an adapter) separated by commas."""
-    if value in (None, "", False):
-        return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(p).strip() for p in parts if str(p).strip()]
+def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
+    """Every id the tokenizer can produce must index the embedding: checked before any graph is built."""
+    if tokenizer.vocab_size > mcfg.padded_vocab_size:
+        raise GLMError(f"{where}: the tokenizer ({tokenizer.vocab_file}) has {tokenizer.vocab_size} ids but "
+                       f"model.model_config.padded_vocab_size is {mcfg.padded_vocab_size}; use the model's own "
+                       "tokenizer or a padded_vocab_size of at least the tokenizer's size")
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str) -> list[str]:
+                     run_mode: str, metas: Optional[list] = None, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
     `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
     weights it was trained on, so `--load_checkpoint adapter.ckpt` alone is enough when that base file
-    is still where it was.
+    is still where it was. `metas`, if given, receives the meta of every file loaded that has one, in load
+    order (base first).
     """
     from glm.checkpoint import load_state
     from glm.weights import load_weights, load_weights_into
@@ -108,7 +109,7 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
             raise GLMError(f"--run_mode {run_mode} needs load_checkpoint (a .ckpt/.safetensors file or a HF folder);"
                            f" set load_checkpoint: {RANDOM_INIT} to start from random weights")
         return []
-    used = []
+    used, adapter_loaded = [], False
     for i, path in enumerate(paths):
         if path == RANDOM_INIT:
             continue
@@ -120,14 +121,29 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 _check_adapter(path, meta, lora)
                 if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                     used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode)
+                                             run_mode=run_mode, metas=metas, _adapter_follows=True)
+                if metas is not None:
+                    metas.append(meta)
                 state = {k: v.asnumpy() for k, v in params.items()}
-                load_weights_into(model, state, strict=False, where=path)
+                load_weights_into(model, state, where=path, part="adapter")
                 used.append(path)
+                adapter_loaded = True
                 continue
-        load_weights(model, path, strict=not (lora and i > 0))
+            if metas is not None:
+                metas.append(meta)
+        # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
+        part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
+        missing, _ = load_weights(model, path, part=part)
+        adapter_loaded |= bool(lora) and not any(_ADAPTER_MARK.search(n) for n in missing)
         used.append(path)
+    if lora and not adapter_loaded and run_mode not in ("train", "finetune"):
+        # Freshly initialised adapters are not the tuned model; a fine-tune from base weights is the normal case.
+        print(f"warning: no adapter loaded: --run_mode {run_mode} runs the adapters as initialised, not a tuned "
+              "model; pass --load_checkpoint base,adapter or the adapter alone", file=sys.stderr)
     return used
+
+
+_ADAPTER_MARK = re.compile(r"\.lora_|prefix_encoder\.")   # LoRA factors, P-Tuning v2 prefix encoder
 
 
 def _check_adapter(path: str, meta: dict, pet: Optional[dict]) -> None:
@@ -162,21 +178,6 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
 
 
-def tokenizer_section(cfg: RunConfig | dict) -> tuple[TokenizerConfig, str]:
-    """The tokenizer block to use outside training and where it is: processor.tokenizer if it names a
-    vocab file, else the eval dataset's, else the train dataset's."""
-    run = as_run(cfg)
-    candidates = [(run.processor.tokenizer, "processor.tokenizer")]
-    for name in ("eval_dataset", "train_dataset"):
-        data = getattr(run, name)
-        if data is not None:
-            candidates.append((data.tokenizer, f"{name}.tokenizer"))
-    for section, where in candidates:
-        if section.vocab_file:
-            return section, where
-    raise GLMError("no tokenizer: set processor.tokenizer.vocab_file (or train_dataset.tokenizer.vocab_file)")
-
-
 def build_tokenizer(cfg: RunConfig | dict):
     from glm.tokenizer import load_tokenizer
 
@@ -201,7 +202,8 @@ def generation_config(cfg: RunConfig | dict, tokenizer, **overrides):
     eos_ids = sorted(set(tokenizer.stop_token_ids) | set(m.eos_token_ids))
     gen = GenerationConfig(max_length=m.max_decode_length, do_sample=m.do_sample, temperature=m.temperature,
                            top_k=m.top_k, top_p=m.top_p, repetition_penalty=m.repetition_penalty,
-                           eos_token_id=eos_ids, pad_token_id=m.pad_token_id, seed=run.seed)
+                           eos_token_id=eos_ids, pad_token_id=m.pad_token_id, seed=run.seed,
+                           vocab_size=tokenizer.vocab_size)
     for k, v in overrides.items():
         setattr(gen, k, v)
     if gen.do_sample and gen.top_k == 1:

@@ -103,10 +103,16 @@ def _export(cfg: dict, opts: dict) -> None:
     run_export(cfg)
 
 
+# How eval/predict/chat encode prompts (glm/prompt_format.py); --raw_prompt is the older spelling of raw.
+_FORMAT_OPTIONS = [
+    click.option("--prompt_format", type=click.Choice(["auto", "raw", "glm2", "glm3_chat"]), default=None,
+                 help="Prompt encoding; auto (default): the format the checkpoint was fine-tuned with."),
+    click.option("--raw_prompt", is_flag=True, help="Same as --prompt_format raw: the text as is, no template."),
+]
 _PREDICT_OPTIONS = [
     click.option("--predict_data", multiple=True,
                  help="A prompt, several (repeat the flag), or a file (.txt one per line, .jsonl)."),
-    click.option("--raw_prompt", is_flag=True, help="Use the prompt text as is (no chat template)."),
+    *_FORMAT_OPTIONS,
 ]
 
 # run mode -> (function(resolved config, command-line options), one-line help, its own options). `glm <mode>`
@@ -114,10 +120,10 @@ _PREDICT_OPTIONS = [
 RUN_MODES: dict[str, tuple[Callable[[dict, dict], None], str, list]] = {
     "train": (_train, "Train from the config's weights (or random) on train_dataset.", []),
     "finetune": (_train, "Fine-tune load_checkpoint (full or LoRA) on train_dataset.", []),
-    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE).", []),
+    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE).", _FORMAT_OPTIONS),
     "predict": (_predict, "Answer prompts given with --predict_data (text, .txt or .jsonl).", _PREDICT_OPTIONS),
     "export": (_export, "Export a MindIR graph for serving.", []),
-    "chat": (_chat, "Talk to the model on the terminal, keeping the history.", []),
+    "chat": (_chat, "Talk to the model on the terminal, keeping the history.", _FORMAT_OPTIONS),
 }
 
 _FLAG_KEYS = {
@@ -126,7 +132,7 @@ _FLAG_KEYS = {
     "seed": "seed", "train_dataset_dir": "train_dataset.data_loader.dataset_dir",
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir", "batch_size": "runner_config.batch_size",
     "epochs": "runner_config.epochs", "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
-    "max_steps": "runner_config.max_steps",
+    "max_steps": "runner_config.max_steps", "prompt_format": "prompt_format",
 }
 
 _RUN_OPTIONS = [
@@ -180,6 +186,8 @@ def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, over
     pairs = [(key, flags[flag]) for flag, key in _FLAG_KEYS.items() if flags.get(flag) is not None]
     if flags.get("use_parallel") is not None:
         pairs.append(("use_parallel", flags["use_parallel"].lower() in ("true", "1")))
+    if flags.get("raw_prompt"):
+        pairs.append(("prompt_format", "raw"))
     run_mode = run_mode or cfg.get("run_mode") or "train"
     if run_mode == "export" and flags.get("batch_size") is not None:
         pairs.append(("model.model_config.batch_size", flags["batch_size"]))
@@ -214,13 +222,18 @@ def run_mode_main(run_mode: str | None, opts: dict) -> None:
 
         dry_run(cfg, cfg["run_mode"])
         return
-    if cfg["run_mode"] == "chat":   # interactive: a transcript without the questions is no log
+    mode = cfg["run_mode"]
+    if mode == "chat":   # interactive: a transcript without the questions is no log
         RUN_MODES["chat"][0](cfg, opts)
         return
+    from glm.io import output_lock
     from glm.runlog import run_log
 
-    with run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
-        RUN_MODES[cfg["run_mode"]][0](cfg, opts)
+    # One writer per output folder, taken before anything is written there (the log included); a
+    # distributed job's lock is taken by its rank 0 in run_train.
+    with output_lock(cfg.get("output_dir") or "./output", what=mode, enabled=not cfg.get("use_parallel")), \
+            run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
+        RUN_MODES[mode][0](cfg, opts)
 
 
 def _run_mode_command(name: str, help_line: str, extra: list) -> click.Command:

@@ -7,9 +7,14 @@ command runs, so `glm --help` stays fast); errors go through `glm.cli.handle_err
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from glm import GLMError
+
+if TYPE_CHECKING:
+    from glm.settings import RunConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -139,44 +144,45 @@ def validate_command(config_path: str, run_mode: str | None, overrides: tuple[st
     exist and the tokenizer must load. Exit 0 and one `ok` line, or one `error:` line and exit 2.
     """
     from glm.cli import print_notices, resolve_run_config
+    from glm.settings import resolve
 
     cfg = resolve_run_config(config_path, run_mode, {}, overrides)
     print_notices(cfg)
-    checked = _check_run_files(cfg)
-    click.echo(f"{config_path}: ok (run_mode {cfg['run_mode']}, output_dir {cfg.get('output_dir') or './output'}"
+    run = resolve(cfg)
+    checked = _check_run_files(run)
+    click.echo(f"{config_path}: ok (run_mode {run.run_mode}, output_dir {run.output_dir}"
                f"{', ' + str(len(checked)) + ' file(s) found' if checked else ''})")
 
 
-def _check_run_files(cfg: dict) -> list[str]:
-    """The files `cfg`'s run mode reads, each checked to exist (GLMError naming the key otherwise)."""
+def _check_run_files(run: RunConfig) -> list[str]:
+    """The files `run`'s run mode reads (glm.run_inputs, as the run finds them), each checked to exist
+    (GLMError naming the key otherwise), and its tokenizer loaded. Returns the paths."""
     import os
 
-    from glm.config import dataset_section
+    from glm.run_inputs import DATA_OF_MODE, RANDOM_INIT, checkpoint_paths, tokenizer_section
 
-    mode = cfg["run_mode"]
     wanted: list[tuple[str, str]] = []
-    names = {"train": ["train_dataset"], "finetune": ["train_dataset"], "eval": ["eval_dataset"]}.get(mode, [])
-    for name in names:
-        section = dataset_section(cfg, name)
-        wanted.append((f"{name}.data_loader.dataset_dir", (section.get("data_loader") or {}).get("dataset_dir")))
-    tokenizer = None
-    for name in names or ["eval_dataset", "train_dataset"]:   # the tokenizer of any mode
-        tokenizer = (cfg.get(name) or {}).get("tokenizer") or {}
-        if tokenizer.get("vocab_file"):
-            wanted.append((f"{name}.tokenizer.vocab_file", tokenizer["vocab_file"]))
-            break
-    for part in str(cfg.get("load_checkpoint") or "").split(","):
-        if part.strip() and part.strip() != "random":
-            wanted.append(("load_checkpoint", part.strip()))
+    name = DATA_OF_MODE.get(run.run_mode)
+    if name is not None:
+        data = run.dataset(name)
+        wanted += [(f"{name}.data_loader.dataset_dir", data.data_loader.dataset_dir),
+                   (f"{name}.tokenizer.vocab_file", data.tokenizer.vocab_file)]
+        tokenizer = data.tokenizer
+    elif run.run_mode != "export":
+        tokenizer, where = tokenizer_section(run)
+        wanted.append((f"{where}.vocab_file", tokenizer.vocab_file))
+    else:
+        tokenizer = None
+    wanted += [("load_checkpoint", p) for p in checkpoint_paths(run.load_checkpoint) if p != RANDOM_INIT]
     for key, path in wanted:
         if not path:
-            raise GLMError(f"{key}: not set; run_mode {mode} reads it")
+            raise GLMError(f"{key}: not set; run_mode {run.run_mode} reads it")
         if not os.path.exists(path):
             raise GLMError(f"{key}: {path} does not exist (relative paths are read from {os.getcwd()})")
-    if tokenizer and tokenizer.get("vocab_file") and tokenizer.get("type"):   # it loads; no model
+    if tokenizer is not None:   # it loads (a wrong file is the usual mistake); still no model
         from glm.tokenizer import load_tokenizer
 
-        load_tokenizer(tokenizer["type"], tokenizer["vocab_file"])
+        load_tokenizer(tokenizer.type, tokenizer.vocab_file)
     return [path for _, path in wanted]
 
 

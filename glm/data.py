@@ -20,7 +20,7 @@ from glm import GLMError
 from glm.tokenizer import ChatGLM2Tokenizer, GLMTokenizer
 
 IGNORE_INDEX = -100
-SKIP_REASONS = ("blank_line", "invalid_json", "missing_key", "empty_value")
+SKIP_REASONS = ("blank_line", "invalid_json", "missing_key", "wrong_type", "empty_value")
 
 
 @dataclass
@@ -76,6 +76,9 @@ def read_lines(path: str | Path) -> list[str]:
         raise GLMError(f"dataset file {str(path)!r} does not exist")
     if path.is_dir():
         raise GLMError(f"dataset_dir {str(path)!r} is a directory; expected a JSON-lines file such as train.json")
+    if not path.is_file():   # a FIFO or a device would block or never end
+        raise GLMError(f"dataset_dir {str(path)!r} is not a regular file (a FIFO, socket or device); expected a "
+                       "JSON-lines file such as train.json")
     raw = path.read_bytes()
     if not raw.strip():
         raise GLMError(f"dataset file {str(path)!r} is empty")
@@ -150,6 +153,12 @@ def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "su
                                f"{', '.join(map(repr, list(obj)[:6])) or 'no keys'}); set data_loader.columns "
                                "(prompt/response) or origin_columns to the file's keys")
             skipped["missing_key"].append(no)
+        elif not all(isinstance(obj[k], str) for k in (key_p, key_a)):
+            bad = next(k for k in (key_p, key_a) if not isinstance(obj[k], str))
+            if require_answer and bad == key_a:
+                raise GLMError(f"dataset file {str(path)!r} line {no}: {bad!r} is a {_json_type(obj[bad])} "
+                               f"({obj[bad]!r:.40}), expected text")
+            skipped["wrong_type"].append(no)
         elif require_answer and not _nonblank(obj[key_a]):
             raise GLMError(f"dataset file {str(path)!r} line {no}: empty reference ({key_a!r} is {obj[key_a]!r:.40}); "
                            "eval scores every line against its reference: fill it in or remove the line")
@@ -182,6 +191,11 @@ def read_jsonl(path: str | Path, origin_columns: Sequence[str] = ("content", "su
               "data_loader.columns.history: history to build the [Round n] prompt from it", file=sys.stderr)
     counts = {"lines_read": len(lines), "skipped": {k: len(v) for k, v in skipped.items()}}
     return records, counts
+
+
+def _json_type(value: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _history(value: object, key: str) -> tuple[list[tuple[str, str]], str]:
@@ -354,8 +368,6 @@ def load_adgen(path: str | Path, tokenizer: GLMTokenizer, *, phase: str, version
                ignore_pad_token_for_loss: bool = True,
                history_column: str | None = None) -> tuple[list[Record], dict[str, np.ndarray], dict]:
     """Read and preprocess a whole file once: returns (records, numpy samples, stats)."""
-    if phase not in ("train", "eval"):
-        raise GLMError(f"data_loader.phase: expected 'train' or 'eval', got {phase!r}")
     records, counts = read_jsonl(path, origin_columns, require_answer=phase == "eval", history_column=history_column)
     if phase == "train":
         samples, lstats = preprocess_train(tokenizer, records, max_source_length, max_target_length, version,

@@ -12,6 +12,7 @@ r, r + S, r + 2S, ... of that permutation, padded by wrapping around to ceil(N /
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glm import GLMError
+from glm.chat_format import parse_reply, reply_text
 from glm.data import Record, format_stats, load_data
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
+from glm.settings import DatasetConfig
 from glm.tokenizer import GLMTokenizer, load_tokenizer
 
 ds = ms.dataset
@@ -80,6 +83,12 @@ class AdgenDataset:
     dataset: ds.Dataset | None = field(default=None, repr=False)
     num_batches: int = 0  # per epoch, per shard
 
+    def prediction_text(self, tokens) -> str:
+        """Generated tokens as text comparable with a record's answer: for conversations, a reply's metadata
+        line is parsed ("tool\n{args}" for a tool call, the bare reply otherwise), as the reference is built."""
+        text = self.tokenizer.decode(tokens)
+        return reply_text(*parse_reply(text)) if self.stats.get("format") == "conversations" else text
+
     def _shard_size(self) -> int:
         n = len(self.records)
         return len(shard_positions(n, self.num_shards, self.shard_id))
@@ -129,51 +138,28 @@ class AdgenDataset:
             yield {c: self.samples[c][sel] for c in self.columns}
 
 
-def _get(section: dict, key: str, where: str, typ: type | tuple, default=None, required: bool = False):
-    if key not in section or section[key] is None:
-        if required:
-            raise GLMError(f"{where}.{key}: missing (expected {_tname(typ)})")
-        return default
-    value = section[key]
-    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
-        raise GLMError(f"{where}.{key}: expected {_tname(typ)}, got {value!r}")
-    return value
-
-
-def _tname(typ: type | tuple) -> str:
-    return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-
-
-def build_dataset(section: dict, *, batch_size: int, seq_length: int | None = None, num_shards: int | None = None,
-                  shard_id: int | None = None, epoch: int = 0, skip_batches: int = 0,
+def build_dataset(section: DatasetConfig | dict, *, batch_size: int, seq_length: int | None = None,
+                  num_shards: int | None = None, shard_id: int | None = None, epoch: int = 0, skip_batches: int = 0,
                   where: str = "train_dataset") -> AdgenDataset:
     """Load, preprocess and batch the dataset described by a YAML block (`where` names it in errors).
 
-    `batch_size` overrides the block's own batch_size (as runner_config.batch_size does in the reference);
-    `seq_length` is the model's, checked against max_source_length + max_target_length + 1 in train phase.
-    Unknown keys (numa_enable, prefetch_size, type, ...) are accepted and ignored.
+    `section` is the loader's typed DatasetConfig (glm/settings.py: its keys are checked there, once); a
+    plain mapping goes through the same loader checks first. `batch_size` overrides the block's own
+    batch_size (as runner_config.batch_size does in the reference); `seq_length` is the model's, checked
+    against max_source_length + max_target_length + 1 in train phase.
     """
-    if not isinstance(section, dict):
-        raise GLMError(f"{where}: expected a mapping, got {type(section).__name__}")
-    loader = _get(section, "data_loader", where, dict, required=True)
+    if not isinstance(section, DatasetConfig):
+        from glm.settings import from_dict, schema_of
+        from glm.validate import validate_section
+
+        section = from_dict(DatasetConfig, validate_section(section, schema_of(DatasetConfig), where))
+    loader, tok = section.data_loader, section.tokenizer
     lw = f"{where}.data_loader"
-    if loader.get("type", "ADGenDataLoader") != "ADGenDataLoader":
-        raise GLMError(f"{lw}.type: only 'ADGenDataLoader' is supported, got {loader['type']!r}")
-    path = _get(loader, "dataset_dir", lw, str, required=True)
-    phase = _get(loader, "phase", lw, str, "train")
-    version = _get(loader, "version", lw, int, 2)
-    if phase not in ("train", "eval"):
-        raise GLMError(f"{lw}.phase: expected 'train' or 'eval', got {phase!r}")
-    if version not in (2, 3):
-        raise GLMError(f"{lw}.version: expected 2 or 3, got {version!r} (version 1 is the GLM-1 format)")
-    columns = _get(loader, "origin_columns", lw, list, ["content", "summary"])
-    fmt = _get(loader, "format", lw, str, "adgen")
-    column_map = _get(loader, "columns", lw, dict, {})
-    tok = _get(section, "tokenizer", where, dict, required=True)
-    tok_type = _get(tok, "type", f"{where}.tokenizer", str, required=True)
-    vocab_file = _get(tok, "vocab_file", f"{where}.tokenizer", str, required=True)
-    max_src = _get(section, "max_source_length", where, int, required=True)
-    max_tgt = _get(section, "max_target_length", where, int, required=True)
+    for key_path, value in ((f"{lw}.dataset_dir", loader.dataset_dir), (f"{where}.tokenizer.vocab_file",
+                                                                        tok.vocab_file)):
+        if not value:
+            raise GLMError(f"{key_path}: not set (the run reads it)")
+    phase, max_src, max_tgt = loader.phase, section.max_source_length, section.max_target_length
     if phase == "train" and seq_length is not None and seq_length < max_src + max_tgt + 1:
         raise GLMError(f"model seq_length {seq_length} is smaller than {where}.max_source_length + "
                        f"max_target_length + 1 = {max_src} + {max_tgt} + 1 = {max_src + max_tgt + 1}")
@@ -181,26 +167,22 @@ def build_dataset(section: dict, *, batch_size: int, seq_length: int | None = No
         raise GLMError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if num_shards is not None and not (isinstance(shard_id, int) and 0 <= shard_id < num_shards):
         raise GLMError(f"shard_id {shard_id!r}: expected 0 <= shard_id < num_shards={num_shards}")
-    workers = _get(section, "num_parallel_workers", where, int, 1)
-    repeat = _get(section, "repeat", where, int, 1)
 
-    tokenizer = load_tokenizer(tok_type, vocab_file)
+    tokenizer = load_tokenizer(tok.type, tok.vocab_file)
     records, samples, stats = load_data(
-        path, tokenizer, phase=phase, version=version, max_source_length=max_src, max_target_length=max_tgt,
-        fmt=fmt, columns=column_map, origin_columns=columns, where=lw,
-        ignore_pad_token_for_loss=_get(section, "ignore_pad_token_for_loss", where, bool, True))
+        loader.dataset_dir, tokenizer, phase=phase, version=loader.version, max_source_length=max_src,
+        max_target_length=max_tgt, fmt=loader.format, columns=dataclasses.asdict(loader.columns),
+        origin_columns=loader.origin_columns, where=lw, ignore_pad_token_for_loss=section.ignore_pad_token_for_loss)
     print(format_stats(stats), flush=True)
 
     data = AdgenDataset(
         tokenizer=tokenizer, records=records, samples=samples, stats=stats,
         columns=TRAIN_COLUMNS if phase == "train" else EVAL_COLUMNS, batch_size=batch_size,
-        shuffle=_get(loader, "shuffle", lw, bool, False), seed=_get(section, "seed", where, int, 0),
-        drop_remainder=_get(section, "drop_remainder", where, bool, True),
+        shuffle=loader.shuffle, seed=section.seed, drop_remainder=section.drop_remainder,
         num_shards=num_shards, shard_id=shard_id,
         # Honour the YAML, but 8 workers on a 2-core box only add contention.
-        num_parallel_workers=max(1, min(workers, os.cpu_count() or 1)),
-        python_multiprocessing=_get(section, "python_multiprocessing", where, bool, False),
-        repeat=max(1, repeat))
+        num_parallel_workers=max(1, min(section.num_parallel_workers, os.cpu_count() or 1)),
+        python_multiprocessing=section.python_multiprocessing, repeat=section.repeat)
     data.num_batches = data.batches_per_epoch()
     if data.num_batches == 0:
         raise GLMError(f"{where}: {data._shard_size()} samples per shard make no full batch of {batch_size} "

@@ -15,22 +15,14 @@ checkpoint fills them: a 6B config is checked on a laptop in seconds (without a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import yaml
 
-from glm.build import (
-    RANDOM_INIT,
-    build_model,
-    build_tokenizer,
-    check_device,
-    checkpoint_paths,
-    load_checkpoints,
-    tokenizer_section,
-)
+from glm.build import build_model, build_tokenizer, check_device, check_vocab, load_checkpoints
 from glm.export import export_preflight
 from glm.model.glm import count_parameters
+from glm.run_inputs import DATA_OF_MODE, RANDOM_INIT, checkpoint_paths, tokenizer_section
 from glm.settings import RunConfig, as_run
 
 
@@ -55,8 +47,6 @@ def _show_ids(ids: np.ndarray, limit: int = 24) -> str:
     return f"[{head}{', ...' if len(ids) > limit else ''}] ({len(ids)} tokens)"
 
 
-# The data a run mode reads (export reads none; predict and chat only the tokenizer).
-DATA_OF_MODE = {"train": "train_dataset", "finetune": "train_dataset", "eval": "eval_dataset"}
 
 
 def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
@@ -83,6 +73,7 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
     if name is None:
         if run_mode in ("predict", "chat"):
             tok = build_tokenizer(run)
+            check_vocab(tok, model.config, tokenizer_section(run)[1])
             print(f"tokenizer: {tokenizer_section(run)[1]} ({tok.vocab_size} ids)")
         print(f"\n{run_mode} reads no dataset; dry run OK")
         return
@@ -92,9 +83,10 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
 def _show_sample(run: RunConfig, name: str, mcfg) -> None:
     from glm.dataset import build_dataset  # imports mindspore.dataset; no graph is compiled
 
-    data = build_dataset(dataclasses.asdict(run.dataset(name)), batch_size=run.runner_config.batch_size,
+    data = build_dataset(run.dataset(name), batch_size=run.runner_config.batch_size,
                          seq_length=mcfg.seq_length if name == "train_dataset" else None, where=name)
     tok = data.tokenizer
+    check_vocab(tok, mcfg, f"{name}.tokenizer")
     ids, labels = data.samples["input_ids"][0], data.samples["labels"][0]
     real = ids[ids != mcfg.pad_token_id] if name == "train_dataset" else ids
     print(f"\nsample 0 of {len(data.records)} ({name}):")
@@ -106,4 +98,12 @@ def _show_sample(run: RunConfig, name: str, mcfg) -> None:
         print(f"  label text  {tok.decode(kept)!r}" + ("  + eos" if len(kept) and kept[-1] == 2 else "  (NO eos!)"))
     else:
         print(f"  reference   {data.records[0].answer!r}")
+    if name == "train_dataset":
+        from glm.train_eval import eval_settings  # the run's checks: bad best_metric, no eval block, ...
+
+        plan = eval_settings(run)
+        if plan:
+            print(f"do_eval: every {plan.step_interval} steps / {plan.epoch_interval} epochs (<= 0: off), best by "
+                  f"{plan.best_metric} ({'higher' if plan.greater_is_better else 'lower'} is better), "
+                  f"early_stopping_patience {plan.patience}")
     print(f"\nbatches per epoch: {data.num_batches} (batch {data.batch_size}); dry run OK")

@@ -27,7 +27,7 @@ from mindspore import Tensor, nn, ops
 
 from glm import GLMError
 from glm.build import RANDOM_INIT, build_model, init_process, load_checkpoints
-from glm.io import write_json_atomic
+from glm.io import ensure_dir, os_error, temp_path, write_json_atomic
 from glm.model.glm import GLMForCausalLM, _take_last
 from glm.runtime import ms, resolve_dtype
 from glm.settings import InferConfig, RunConfig, as_run
@@ -106,9 +106,10 @@ def export_preflight(cfg: RunConfig | dict, rank: int = 0) -> dict:
 
 
 def _export_one(net: nn.Cell, inputs: list, dest: Path, prefix: str) -> None:
-    """Export into a temp folder next to `dest` (same filesystem), then move the graph there by rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = dest.parent / f".export-tmp-{os.getpid()}"
+    """Export into a hidden stage folder next to `dest` (same file system, named like every glm.io temporary so
+    a killed run's is removed at the next start), then move the graph there by rename."""
+    ensure_dir(dest.parent)
+    stage = temp_path(dest)
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir()
@@ -122,6 +123,8 @@ def _export_one(net: nn.Cell, inputs: list, dest: Path, prefix: str) -> None:
             shutil.rmtree(var_dest, ignore_errors=True)
             os.replace(stage / f"{prefix}_variables", var_dest)
         os.replace(produced[0], dest)
+    except OSError as e:
+        raise os_error(e, dest) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -30,6 +30,7 @@ class GenerationConfig:
     eos_token_id: list = field(default_factory=lambda: [2])
     pad_token_id: int = 0
     seed: int = 0
+    vocab_size: Optional[int] = None   # the tokenizer's: ids from here up (the model's padding rows) are never chosen
 
 
 def _is_greedy(gen: GenerationConfig) -> bool:
@@ -121,6 +122,8 @@ class Generator:
         logits = self._first_logits(rows, lengths)
         chunked = self.use_cache and self.decode_chunk > 1 and _is_greedy(gen)
         while True:
+            if gen.vocab_size and gen.vocab_size < logits.shape[-1]:
+                logits = logits[:, :gen.vocab_size]   # untrained padding rows of the head are not tokens
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             scores = process_logits(logits, seqs, repetition_penalty=gen.repetition_penalty,
                                     temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
@@ -132,7 +135,7 @@ class Generator:
             if stop.done:
                 return new
             if chunked:
-                return self._greedy_chunks(tokens, lengths, stop, new, seqs, eos, streamer)
+                return self._greedy_chunks(tokens, lengths, stop, new, seqs, eos, streamer, gen.vocab_size)
             logits = self._next_logits(tokens, lengths - active, seqs)
 
     @staticmethod
@@ -148,10 +151,10 @@ class Generator:
                 streamer(int(r), t)
         return tokens
 
-    def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer) -> list[list[int]]:
+    def _greedy_chunks(self, tokens, lengths, stop, new, seqs, eos, streamer, vocab) -> list[list[int]]:
         """Greedy decoding `decode_chunk` tokens per graph call; the host replays the stop rules."""
-        if self._greedy is None:
-            self._greedy = GreedyChunk(self.model, self.decode_chunk)
+        if self._greedy is None or self._greedy.vocab != vocab:
+            self._greedy = GreedyChunk(self.model, self.decode_chunk, vocab)
         last_slot = self.cfg.seq_length - 1
         while True:
             # Each row's last token sits at position length - 1 of its sequence.

@@ -22,6 +22,10 @@ def merge_lora(adapter: str, output: str, base: str | None = None) -> str:
 
     t0 = time.perf_counter()
     params, meta = load_state(adapter)
+    if (meta.get("pet") or {}).get("pet_type") == "ptuning2":
+        raise GLMError(f"--adapter {adapter}: a P-Tuning v2 prefix cannot be merged into the weights (it adds "
+                       "attention keys and values, not a weight delta); load it with --load_checkpoint and a "
+                       "pet_type: ptuning2 config")
     if meta.get("kind") != "adapter" or not meta.get("lora"):
         raise GLMError(f"--adapter {adapter}: not a LoRA adapter checkpoint (kind {meta.get('kind')!r})")
     base = base or meta.get("base_checkpoint")

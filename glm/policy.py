@@ -90,6 +90,25 @@ def problems(run: RunConfig) -> None:
     _pet_checks(run)
     _training_checks(run)
     _parallel_checks(run)
+    _data_checks(run)
+
+
+def _data_checks(run: RunConfig) -> None:
+    """data_loader.format / columns against each other and the tokenizer (glm.data.resolve_columns' rules)."""
+    from glm.data import resolve_columns
+
+    for name in ("train_dataset", "eval_dataset"):
+        data = getattr(run, name)
+        if data is None:
+            continue
+        loader, where = data.data_loader, f"{name}.data_loader"
+        try:
+            resolve_columns(loader.format, loader.origin_columns, dataclasses.asdict(loader.columns), where)
+        except GLMError as e:
+            report(str(e), rank=2)
+        if loader.format == "conversations" and data.tokenizer.type != "ChatGLM3Tokenizer":
+            report(f"{where}.format: conversations needs {name}.tokenizer.type: ChatGLM3Tokenizer (role tokens), "
+                   f"got {data.tokenizer.type!r}", rank=2)
 
 
 def _pet_checks(run: RunConfig) -> None:

@@ -1,7 +1,9 @@
 """`--run_mode predict` (prompts from the command line or a file) and `--run_mode chat` (a terminal chat).
 
-Prompts go through the model family's template (GLM2's "[Round n]" prompt, GLM3's role tokens) unless
-`--raw_prompt` is given. Results are printed and written to `<output_dir>/predict_results.jsonl`.
+Prompts are encoded in the format the checkpoint was fine-tuned with (recorded in its meta), else in the
+model family's chat template (GLM2's "[Round n]" prompt, GLM3's role tokens); `prompt_format` /
+`--prompt_format` (or `--raw_prompt`) overrides it (see glm/prompt_format.py). Results are printed and
+written to `<output_dir>/predict_results.jsonl`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,20 @@ import sys
 from pathlib import Path
 
 from glm import GLMError
-from glm.build import build_model, build_tokenizer, generation_config, init_process, load_checkpoints
+from glm.build import (
+    build_model,
+    build_tokenizer,
+    check_vocab,
+    generation_config,
+    init_process,
+    load_checkpoints,
+    tokenizer_section,
+)
 from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
+from glm.io import write_jsonl_atomic
+from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
 from glm.settings import RunConfig, as_run
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
@@ -41,6 +53,10 @@ def read_prompts(items: list[str]) -> list[str]:
         if not prompts:
             raise GLMError(f"--predict_data {path}: the file has no prompt")
         return prompts
+    for item in items:
+        if _looks_like_file(item):
+            raise GLMError(f"--predict_data {item}: no such file (one word ending in .txt/.json/.jsonl is read as "
+                           "a prompt file, not as a prompt)")
     prompts = [p.replace("\\n", "\n") for p in items]   # the reference's convention for a literal "\n"
     for i, p in enumerate(prompts):
         if not p.strip():
@@ -53,6 +69,13 @@ def _is_file(item: str) -> bool:
         return Path(item).is_file()
     except (OSError, ValueError):   # a long prompt is no file name (ENAMETOOLONG), nor one with a NUL
         return False
+
+
+def _looks_like_file(item: str) -> bool:
+    """A single word ending in .txt/.json/.jsonl that is not a file: a mistyped path, not a prompt."""
+    s = item.strip()
+    return (s.endswith((".txt", ".json", ".jsonl")) and not any(c.isspace() for c in s) and len(s) < 4096
+            and not _is_file(s))
 
 
 def _json_prompt(line: str, path: Path, no: int) -> str:
@@ -68,16 +91,17 @@ def _json_prompt(line: str, path: Path, no: int) -> str:
     raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
-def _session(cfg: RunConfig | dict, rows: int, run_mode: str):
+def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: str | None = None):
+    """(tokenizer, generator, generation config, prompt format) for predict and chat."""
     cfg = as_run(cfg)
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
-    if tok.vocab_size > model.config.padded_vocab_size:
-        raise GLMError(f"tokenizer has {tok.vocab_size} ids but model.model_config.padded_vocab_size is "
-                       f"{model.config.padded_vocab_size}")
-    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode)
-    return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
+    check_vocab(tok, model.config, tokenizer_section(cfg)[1])
+    metas: list[dict] = []
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode, metas=metas)
+    fmt = resolve_prompt_format(requested_format or cfg.prompt_format, recorded_format(metas), family_format(tok))
+    return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 
 def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> list[dict]:
@@ -86,23 +110,19 @@ def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> l
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
     run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
     rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
-    tok, generator, gen = _session(cfg, rows, "predict")
+    tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
     else:
-        encoded = [tok.encode(p) if raw else tok.build_generation_input(p) for p in prompts]
+        print(f"prompt format: {fmt}", flush=True)
+        encoded = [encode_prompt(tok, fmt, p) for p in prompts]
     outputs = generator.generate(encoded, gen)
     results = [{"prompt": p, "response": tok.decode(o), "new_tokens": len(o)} for p, o in zip(prompts, outputs)]
     for r, c in zip(results, chats or []):
         r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
-    out = Path(run.output_dir or "./output")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "predict_results.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    tmp.replace(path)
+    path = write_jsonl_atomic(results, Path(run.output_dir or "./output") / "predict_results.jsonl")
     print(f"results: {path}", file=sys.stderr)
     return results
 
@@ -129,7 +149,7 @@ class _Printer:
 
 
 def run_chat(cfg: RunConfig | dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    tok, generator, gen = _session(cfg, 1, "chat")
+    tok, generator, gen, fmt = _session(cfg, 1, "chat")
     history: list[tuple[str, str]] = []
     stdout.write("chat: type a message; /reset clears the history, /exit quits\n")
     while True:
@@ -145,12 +165,12 @@ def run_chat(cfg: RunConfig | dict, stdin=sys.stdin, stdout=sys.stdout) -> None:
             history = []
             stdout.write("(history cleared)\n")
             continue
-        ids = tok.build_generation_input(query, history)
+        ids = encode_prompt(tok, fmt, query, history)
         limit = generator.cfg.seq_length if gen.max_new_tokens is not None else \
             min(gen.max_length or generator.cfg.seq_length, generator.cfg.seq_length)
         while len(ids) >= limit and history:    # drop the oldest turns: the answer needs room under max_length
             history = history[1:]
-            ids = tok.build_generation_input(query, history)
+            ids = encode_prompt(tok, fmt, query, history)
         printer = _Printer(tok, stdout)
         try:
             out = generator.generate([ids], gen, streamer=printer)[0]

@@ -17,10 +17,16 @@ _warned_bf16 = False
 def setup_context(device_target: str = "CPU", mode: int = 0, device_id: int | None = None,
                   max_device_memory: str | None = None) -> None:
     """Select the device and the execution mode (0 graph, 1 PyNative)."""
-    if device_id is not None and device_target != "CPU":
-        ms.set_device(device_target, int(device_id))
-    else:
-        ms.set_device(device_target)
+    try:
+        if device_id is not None and device_target != "CPU":
+            ms.set_device(device_target, int(device_id))
+        else:
+            ms.set_device(device_target)
+    except RuntimeError:
+        # Once kernels ran the device is fixed; asking again for the same one (a second set-up in the
+        # same process, e.g. in-process tests) is fine, only another one is an error.
+        if ms.get_context("device_target") != device_target:
+            raise
     ms.set_context(mode=int(mode))
     if max_device_memory and device_target == "Ascend":
         ms.set_context(max_device_memory=max_device_memory)

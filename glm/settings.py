@@ -25,6 +25,10 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     CALLBACK_TYPES,
     CHECKPOINT_CALLBACKS,
     CheckpointConfig,
+    ColumnsConfig,
+    DataLoaderConfig,
+    DatasetConfig,
+    DatasetTaskConfig,
     InferConfig,
     LossMonitorConfig,
     MoeConfig,
@@ -35,6 +39,7 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     StrategyCkptConfig,
     SummaryMonitorConfig,
     TensorboardConfig,
+    TokenizerConfig,
 )
 from glm.validate import INERT, NONE, NOTICE, REFUSED, hint, key, report, section, typed, validate_section
 
@@ -74,81 +79,6 @@ def _lr_type(value: Any, where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- sections
-@dataclass
-class TokenizerConfig:
-    type: str = key("ChatGLM2Tokenizer", "tokenizer class: ChatGLM2Tokenizer or ChatGLM3Tokenizer (special tokens "
-                    "and chat format)", kind=frozenset({"ChatGLM2Tokenizer", "ChatGLM3Tokenizer"}))
-    vocab_file: str = key("", "SentencePiece tokenizer.model")
-    bos_token: Optional[str] = key(None, "cosmetic: the SentencePiece model defines the special tokens",
-                                   kind=(str, NONE), status=INERT)
-    eos_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-    end_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-    mask_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-    gmask_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-    pad_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-    unk_token: Optional[str] = key(None, "cosmetic, as bos_token", kind=(str, NONE), status=INERT)
-
-
-@dataclass
-class ColumnsConfig:
-    prompt: Optional[str] = key(None, "adgen: the prompt (default origin_columns[0], 'content')", kind=(str, NONE),
-                                ours=True)
-    response: Optional[str] = key(None, "adgen: the answer (default origin_columns[1], 'summary')",
-                                  kind=(str, NONE), ours=True)
-    history: Optional[str] = key(None, "adgen: [[query, response], ...] earlier rounds of the [Round n] prompt",
-                                 kind=(str, NONE), ours=True)
-    conversations: Optional[str] = key(None, "conversations: the message list (default 'conversations')",
-                                       kind=(str, NONE), ours=True)
-    tools: Optional[str] = key(None, "conversations: the tool list (default 'tools')", kind=(str, NONE), ours=True)
-    system: Optional[str] = key(None, "conversations: a per-line system prompt put first (default: none)",
-                                kind=(str, NONE), ours=True)
-
-
-@dataclass
-class DataLoaderConfig:
-    type: str = key("ADGenDataLoader", "JSON-lines reader", kind=frozenset({"ADGenDataLoader"}))
-    format: str = key("adgen", "adgen: prompt/answer pairs (version 2/3); conversations: ChatGLM3 messages with "
-                      "tools, loss on the assistant turns (ChatGLM3Tokenizer; version does not apply)",
-                      kind=frozenset({"adgen", "conversations"}), ours=True)
-    columns: ColumnsConfig = section(ColumnsConfig, "JSON keys of the fields (null: the format's default)",
-                                     ours=True)
-    dataset_dir: str = key("", "the JSON-lines file")
-    shuffle: bool = key(False, "shuffle every epoch (seeded by the top-level seed and the epoch)")
-    phase: str = key("train", "train: prompt+answer with shifted labels; eval: prompt and reference",
-                     kind=frozenset({"train", "eval"}))
-    version: int = key(2, "prompt format: 2 '[Round 1]\\n\\n问：…\\n\\n答：', 3 raw content after [gMASK]sop",
-                       kind=frozenset({2, 3}))
-    origin_columns: list = key(["content", "summary"], "the prompt and answer fields of each line")
-
-
-@dataclass
-class DatasetConfig:
-    data_loader: DataLoaderConfig = section(DataLoaderConfig, "where and how the records are read")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer of this dataset")
-    input_columns: list = key(["input_ids", "labels"], "columns MindFormers casts to int32 (always these two)",
-                              status=INERT)
-    max_source_length: int = key(64, "prompt tokens kept (longer prompts are truncated)", min=1)
-    max_target_length: int = key(128, "answer tokens kept", min=1)
-    ignore_pad_token_for_loss: bool = key(True, "labels of padding are -100 (no loss)")
-    num_parallel_workers: int = key(8, "preprocessing workers (capped at the CPU count)", min=1)
-    python_multiprocessing: bool = key(False, "worker processes instead of threads")
-    drop_remainder: bool = key(True, "drop the last partial batch")
-    batch_size: int = key(1, "replaced by runner_config.batch_size (as MindFormers does)", min=1, status=INERT)
-    repeat: int = key(1, "passes over the file per epoch", min=1)
-    numa_enable: bool = key(False, "NUMA binding of the pipeline", status=NOTICE)
-    prefetch_size: int = key(1, "pipeline prefetch depth", min=1, status=NOTICE)
-    seed: int = key(0, "replaced by the top-level seed (as MindFormers does)", status=INERT)
-    max_eval_samples: Optional[int] = key(None, "evaluate on at most this many samples (null: all)",
-                                          kind=(int, NONE), min=1, ours=True)
-
-
-@dataclass
-class DatasetTaskConfig:
-    type: str = key("KeyWordGenDataset", "dataset task class", kind=frozenset({"KeyWordGenDataset"}))
-    dataset_config: Optional[DatasetConfig] = section(DatasetConfig, "the dataset block (usually an alias of "
-                                                      "train_dataset / eval_dataset)", optional=True)
-
-
 @dataclass
 class PetConfig:
     pet_type: str = key("lora", "lora, or ptuning2 (P-Tuning v2)", kind=frozenset(PET_TYPES))
@@ -401,6 +331,18 @@ class RunConfig:
     do_eval: bool = key(False, "evaluate on eval_dataset during training")
     eval_step_interval: int = key(500, "steps between evaluations (<= 0: off)")
     eval_epoch_interval: int = key(-1, "epochs between evaluations (<= 0: off)")
+    best_metric: str = key("eval_loss", "do_eval: the metric that picks <prefix>_rank_r-best.ckpt: eval_loss, "
+                           "eval_perplexity, eval_rouge-1/2/l, eval_bleu-4 (ADGENMetric); 'loss' = 'eval_loss'",
+                           ours=True)
+    greater_is_better: Optional[bool] = key(None, "do_eval: direction of best_metric (null: lower for "
+                                            "loss/perplexity, higher for ROUGE/BLEU)", kind=(bool, NONE), ours=True)
+    early_stopping_patience: int = key(0, "do_eval: stop after this many evaluations without improvement (0: never)",
+                                       min=0, ours=True)
+    early_stopping_threshold: float = key(0.0, "do_eval: an improvement must beat the best by more than this",
+                                          min=0, ours=True)
+    prompt_format: str = key("auto", "eval/predict/chat prompt encoding: auto (the format the checkpoint was "
+                             "fine-tuned with), raw, glm2, glm3_chat", kind=frozenset({"auto", "raw", "glm2",
+                                                                                     "glm3_chat"}), ours=True)
     remote_save_url: str = key("", "ModelArts OBS upload", status=NOTICE, note="ModelArts only")
     predict_batch_size: Optional[int] = key(None, "predict: prompts per batch (null: runner_config.batch_size)",
                                             kind=(int, NONE), min=1)

@@ -24,10 +24,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from typing import Any
 
 from glm import GLMError
+from glm.io import atomic_path
 
 MERGED_STRATEGY = "merged_ckpt_strategy.ckpt"
 
@@ -155,18 +155,9 @@ def merge_data_parallel(src_dir: str, dst_dir: str, prefix: str, check_values: b
                 print(f"warning: rank {rank} differs from rank 0: max |diff| {worst[0]:.3g} "
                       f"(parameter {worst[1]}); writing rank 0's values", file=sys.stderr)
         del params
-    out_dir = os.path.join(dst_dir, "rank_0")
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{prefix}0.ckpt")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=out_dir)
-    os.close(fd)
-    try:
+    out = os.path.join(dst_dir, "rank_0", f"{prefix}0.ckpt")
+    with atomic_path(out, needed=os.path.getsize(files[0])) as tmp:
         shutil.copyfile(files[0], tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     print(f"{len(files)} data-parallel rank(s) hold the same {len(ref)} parameters; "
           f"wrote {out} (from {files[0]})")
     return out

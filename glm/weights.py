@@ -20,13 +20,14 @@ import json
 import os
 import re
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
 from glm import GLMError
+from glm.io import atomic_path, ensure_dir, write_json_atomic
 
 MS_EMBED = "transformer.embedding.embedding_table"
 HF_EMBED = "transformer.embedding.word_embeddings.weight"
@@ -56,6 +57,14 @@ _TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "grad_acc.", "moment1.", "moment2
                          "loss_scale", "beta1_power", "beta2_power", "last_overflow_iterator_step")
 
 State = dict  # dict[str, np.ndarray]
+# P-Tuning v2 (glm/model/ptuning.py): THUDM ChatGLM2 `ptuning/` names -> ours (= MindFormers'), and
+# MindFormers' derived arange(pre_seq_len) index buffer, which is not a weight.
+PREFIX_THUDM_NAMES = {
+    "transformer.prefix_encoder.embedding.weight": "prefix_encoder.mindpet_delta_ptuning2_embedding.embedding_table",
+    **{f"transformer.prefix_encoder.trans.{i}.{kind}": f"prefix_encoder.mindpet_delta_ptuning2_{name}.{kind}"
+       for i, name in ((0, "dense_in"), (2, "dense_out")) for kind in ("weight", "bias")},
+}
+PREFIX_INDEX_BUFFER = "prefix_encoder.mindpet_delta_ptuning2_prefix"
 
 
 def _warn(msg: str) -> None:
@@ -199,11 +208,16 @@ def _read_torch_bin(path: Path) -> State:
     _ms()
     bf16 = np.dtype("bfloat16")   # registered by mindspore
     try:
-        sd = torch.load(str(path), weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():   # torch warns (several lines) about pickle protocols before failing
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(path), weights_only=True, map_location="cpu")
     except Exception as e:
-        raise GLMError(f"{path}: cannot be read as a PyTorch weights file ({type(e).__name__}: {e})") from e
+        raise GLMError(f"{path}: cannot be read as a PyTorch weights file ({type(e).__name__}: {_torch_reason(e)}); "
+                       "only plain tensor state dicts are loaded") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise GLMError(f"{path}: holds a pickled {type(sd).__name__}, not a state dict of tensors")
     out: State = {}
     for name, t in sd.items():
         if not isinstance(t, torch.Tensor):
@@ -212,6 +226,16 @@ def _read_torch_bin(path: Path) -> State:
         # numpy cannot hold torch.bfloat16: reinterpret the bits as MindSpore's numpy bfloat16 (lossless).
         out[name] = t.view(torch.int16).numpy().view(bf16) if t.dtype == torch.bfloat16 else t.numpy()
     return out
+
+
+def _torch_reason(e: Exception) -> str:
+    """torch.load's errors run to a dozen lines; keep the line that says what was wrong."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return "unsupported content: " + (detail[0].strip() if detail else "?")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
 
 
 def _index_files(folder: Path, index_name: str) -> Optional[list]:
@@ -278,20 +302,6 @@ def read_weights(path: Union[str, os.PathLike]) -> State:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _tmp_path(dest: Path, suffix: str) -> Path:
-    # Same directory, so os.replace is an atomic rename; the suffix matters (MindSpore appends ".ckpt").
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _finish(tmp: Path, dest: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # MindSpore writes 0400 files; make them ordinary
-    os.replace(tmp, dest)
-
-
 def _contiguous(state: State) -> State:
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
@@ -299,19 +309,17 @@ def _contiguous(state: State) -> State:
 def write_ms_checkpoint(state: State, path: Union[str, os.PathLike]) -> None:
     """Write a MindSpore checkpoint atomically; `.safetensors` by extension, else `.ckpt`."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     ms = _ms()
     fmt = "safetensors" if dest.suffix == ".safetensors" else "ckpt"
-    tmp = _tmp_path(dest, "." + fmt)
+    state = _contiguous(state)
     try:
-        # from_numpy shares memory, so a 12 GB model is not copied a second time.
-        items = [{"name": k, "data": ms.from_numpy(v)} for k, v in _contiguous(state).items()]
-        ms.save_checkpoint(items, str(tmp), format=fmt)
-        _finish(tmp, dest)
+        with atomic_path(dest, needed=sum(v.nbytes for v in state.values())) as tmp:
+            # from_numpy shares memory, so a 12 GB model is not copied a second time.
+            items = [{"name": k, "data": ms.from_numpy(v)} for k, v in state.items()]
+            ms.save_checkpoint(items, str(tmp), format=fmt)
+    except GLMError:
+        raise
     except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, GLMError):
-            raise
         raise GLMError(f"{dest}: cannot write the checkpoint ({type(e).__name__}: {e})") from e
 
 
@@ -320,8 +328,7 @@ def write_hf_safetensors(state: State, folder: Union[str, os.PathLike], shard_si
     from safetensors.numpy import save_file
 
     _ms()   # bf16 arrays need the registered numpy dtype
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(folder)
     state = _contiguous(state)
     shards: list = [{}]
     size = 0
@@ -336,22 +343,19 @@ def write_hf_safetensors(state: State, folder: Union[str, os.PathLike], shard_si
     written = []
     for fname, shard in zip(names, shards):
         dest = out / fname
-        tmp = _tmp_path(dest, ".safetensors")
         try:
-            save_file(shard, str(tmp), metadata={"format": "pt"})   # transformers refuses files without it
-            _finish(tmp, dest)
+            with atomic_path(dest, needed=sum(v.nbytes for v in shard.values())) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})   # transformers refuses files without it
+        except GLMError:
+            raise
         except Exception as e:
-            tmp.unlink(missing_ok=True)
             raise GLMError(f"{dest}: cannot write ({type(e).__name__}: {e})") from e
         written.append(dest)
     index = out / "model.safetensors.index.json"
     if n > 1:
         body = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
                 "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
-        tmp = _tmp_path(index, ".json")
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
-        _finish(tmp, index)
-        written.append(index)
+        written.append(write_json_atomic(body, index))
     elif index.exists():
         index.unlink()   # a stale index would point readers at old shards
     return written
@@ -363,34 +367,51 @@ def _names(names: list, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_weights_into(net, state: State, strict: bool = True, where: str = "") -> tuple:
+def load_weights_into(net, state: State, strict: bool = True, where: str = "", part: str = "all") -> tuple:
     """Check names/shapes against `net`, cast to each parameter's dtype, load. Returns (missing, unexpected).
 
-    Shape mismatches always raise. Missing parameters raise in strict mode, except LoRA factors (a base
-    checkpoint never holds them), which get a warning line; KV-cache buffers (`*_cache`) are not weights.
-    Unexpected tensors get a warning line; optimizer/loop state (adam_m.*, global_step, ...) is skipped.
+    Shape mismatches always raise. Missing parameters raise in strict mode, except LoRA factors and the
+    P-Tuning prefix encoder (a base checkpoint never holds them), which get a warning line; KV-cache buffers
+    (`*_cache`) are not weights. Unexpected tensors get a warning line; optimizer/loop state (adam_m.*,
+    global_step, ...) is skipped. THUDM's P-Tuning names (`transformer.prefix_encoder.*`) are renamed; a
+    prefix for a model without one is an error (it would otherwise be silently dropped).
+    `part`: "base" - a base file under an adapter that follows (missing adapter parameters are expected);
+    "adapter" - an adapter file (base parameters come from elsewhere; its own must all be there).
     """
     ms = _ms()
     label = f"checkpoint {where}" if where else "checkpoint"
     if state and (OLD_MS_EMBED in state or _safe_layout(state) != "mindspore"):
         state = hf_to_ms(state)
     params = dict((name, p) for name, p in net.parameters_and_names())
+    prefix = sorted(k for k in state if k.startswith(("prefix_encoder.", "transformer.prefix_encoder.")))
+    if prefix and not any(n.startswith("prefix_encoder.") for n in params):
+        raise GLMError(f"{label}: holds a P-Tuning v2 prefix ({prefix[0]}) but the model has none; set "
+                       "model.model_config.pet_config: {pet_type: ptuning2, pre_seq_len: ...}")
+    state = {PREFIX_THUDM_NAMES.get(k, k): v for k, v in state.items() if k != PREFIX_INDEX_BUFFER}
     for name, value in state.items():
         if name in params and tuple(value.shape) != tuple(params[name].shape):
+            why = (" (the prefix file's pre_seq_len / prefix_projection / projection_dim differ from "
+                   "model.model_config.pet_config)" if name.startswith("prefix_encoder.") else "")
             raise GLMError(f"{label}: {name} has shape {tuple(value.shape)} "
-                           f"but the model expects {tuple(params[name].shape)}")
+                           f"but the model expects {tuple(params[name].shape)}{why}")
     missing = [n for n in params if n not in state and not n.endswith("_cache")]   # KV cache: runtime state
     unexpected = [n for n in state if n not in params and not n.startswith(_TRAIN_STATE_PREFIXES)]
-    hard_missing = [n for n in missing if ".lora_" not in n]
-    soft_missing = [n for n in missing if ".lora_" in n]
+    hard_missing = [n for n in missing if not _is_adapter(n)]
+    if part == "adapter":   # an adapter file must hold all of the model's adapter weights
+        hard_missing = [n for n in missing if _is_adapter(n)]
+        ours = [n for n in params if _is_adapter(n)]
+        if ours and len(hard_missing) == len(ours):
+            raise GLMError(f"{label}: holds none of the model's {len(ours)} adapter weights (a full model checkpoint "
+                           "as the adapter half of 'base,adapter'?); give the *-adapter.ckpt a LoRA or P-Tuning "
+                           "run saved")
+        strict = True
+    # Missing adapter weights in a base file are normal; glm.build.load_checkpoints says so when no adapter
+    # at all was loaded for a mode that needs one.
     if hard_missing and strict:
         raise GLMError(f"{label}: {len(hard_missing)} model parameter(s) missing: {_names(hard_missing)}")
     if hard_missing:
         _warn(f"{label}: {len(hard_missing)} model parameter(s) not in the checkpoint, left as initialised: "
               f"{_names(hard_missing)}")
-    if soft_missing:
-        _warn(f"{label}: {len(soft_missing)} LoRA parameter(s) not in the checkpoint, left as initialised: "
-              f"{_names(soft_missing)}")
     if unexpected:
         _warn(f"{label}: {len(unexpected)} tensor(s) not used by the model: {_names(unexpected)}")
     to_load = {}
@@ -403,6 +424,11 @@ def load_weights_into(net, state: State, strict: bool = True, where: str = "") -
     return missing, unexpected
 
 
+def _is_adapter(name: str) -> bool:
+    """LoRA factors and the P-Tuning prefix encoder: trained on top of a base, never in a base file."""
+    return ".lora_" in name or name.startswith("prefix_encoder.")
+
+
 def _safe_layout(state: State) -> str:
     try:
         return detect_layout(state)
@@ -410,6 +436,6 @@ def _safe_layout(state: State) -> str:
         return "mindspore"
 
 
-def load_weights(net, path: Union[str, os.PathLike], strict: bool = True) -> tuple:
+def load_weights(net, path: Union[str, os.PathLike], strict: bool = True, part: str = "all") -> tuple:
     """`load_weights_into` from a file or folder: .ckpt, .safetensors, pytorch .bin or a HF folder."""
-    return load_weights_into(net, read_weights(path), strict=strict, where=str(path))
+    return load_weights_into(net, read_weights(path), strict=strict, where=str(path), part=part)

@@ -12,6 +12,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TINY2 = "configs/glm2/run_glm2_tiny.yaml"
 TINY2_LORA = "configs/glm2/run_glm2_tiny_lora.yaml"
+TINY2_PTUNING = "configs/glm2/run_glm2_tiny_ptuning2.yaml"
 # Fast settings for tests: a short warmup; no PNG curves (matplotlib costs ~1-2 s per run; the runs that
 # check the curves turn them back on with runner_config.plot_curves=True).
 FAST = ["lr_schedule.warmup_steps=2", "runner_config.plot_curves=False"]

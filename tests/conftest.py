@@ -21,6 +21,9 @@ Session fixtures (all from configs/glm2/run_glm2_tiny*.yaml, `--load_checkpoint 
 - `tiny_lora` -> TinyRun: a rank-8 LoRA adapter on the fused query_key_value of both layers, 4 steps on
   `tiny_run.weights`; `weights` = checkpoint_network/rank_0/glm2-tiny-lora_rank_0-adapter.ckpt (it
   records its base checkpoint, so `--load_checkpoint <adapter>` alone loads base + adapter).
+- `tiny_ptuning` -> TinyRun: a P-Tuning v2 prefix (pre_seq_len 16) trained 12 steps on `tiny_trained.weights`
+  (configs/glm2/run_glm2_tiny_ptuning2.yaml); `weights` = checkpoint_network/rank_0/
+  glm2-tiny-ptuning2_rank_0-adapter.ckpt, the prefix only (it records its base, like the LoRA adapter).
 
 TinyRun also gives `records` / `losses` (metrics.jsonl), `summary` (train_summary.json) and `log`
 (log/glm.log: everything the run printed). Helpers for driving the CLI are in tests/cli_utils.py.
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_utils import FAST, TINY2, TINY2_LORA, run_glm
+from cli_utils import FAST, TINY2, TINY2_LORA, TINY2_PTUNING, run_glm
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ TRAINED_STEPS = 30
 
 def _trained_args(out: Path) -> tuple[str, ...]:
     return ("--config", TINY2, "--run_mode", "finetune", "--output_dir", str(out), "--load_checkpoint", "random",
-            "--max_steps", str(TRAINED_STEPS), *FAST, "callbacks.CheckpointMonitor.save_checkpoint_steps=1000")
+            "--max_steps", str(TRAINED_STEPS), *FAST, "callbacks.CheckpointMonitor.save_checkpoint_steps=1000",
+            "lr_schedule.total_steps=300")   # the schedule the eval/predict tests were tuned on (max_steps alone
+    # now shortens it to 30 steps, as in HF Trainer)
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +141,18 @@ def tiny_lora(tmp_path_factory, tiny_run) -> TinyRun:
 
     out = _shared(tmp_path_factory, "tiny_lora", lambda o: run_glm(*args(o)))
     return TinyRun(out, out / "checkpoint_network/rank_0/glm2-tiny-lora_rank_0-adapter.ckpt", TINY2_LORA, args(out))
+
+
+PTUNING_STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_ptuning(tmp_path_factory, tiny_trained) -> TinyRun:
+    def args(out: Path) -> tuple[str, ...]:
+        return ("--config", TINY2_PTUNING, "--run_mode", "finetune", "--output_dir", str(out), "--load_checkpoint",
+                str(tiny_trained.weights), "--max_steps", str(PTUNING_STEPS), *FAST,
+                "callbacks.CheckpointMonitor.save_checkpoint_steps=1000")
+
+    out = _shared(tmp_path_factory, "tiny_ptuning", lambda o: run_glm(*args(o)))
+    return TinyRun(out, out / "checkpoint_network/rank_0/glm2-tiny-ptuning2_rank_0-adapter.ckpt", TINY2_PTUNING,
+                   args(out))

@@ -320,6 +320,12 @@ def test_config_accepts_format_and_columns():
     with pytest.raises(GLMError, match="unknown key 'train_dataset.data_loader.columns.prompts'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
                     ["train_dataset.data_loader.columns.prompts=q"])
+    with pytest.raises(GLMError, match="train_dataset.data_loader.format: conversations needs "
+                                       "train_dataset.tokenizer.type: ChatGLM3Tokenizer"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml",
+                    ["train_dataset.tokenizer.type=ChatGLM2Tokenizer"])
+    with pytest.raises(GLMError, match="eval_dataset.data_loader.columns.history: not used by format 'conversations'"):
+        load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["eval_dataset.data_loader.columns.history=h"])
     with pytest.raises(GLMError, match="data_loader.format: expected one of 'adgen', 'conversations'"):
         load_config(REPO / "configs" / "glm3" / "run_glm3_tiny_chat.yaml", ["train_dataset.data_loader.format=chat"])
 

@@ -17,10 +17,11 @@ from cli_utils import REPO, TINY2
 from click.testing import CliRunner
 
 from glm import GLMError
-from glm.cli import Command, cli
+from glm.cli import RUN_MODES, Command, cli
 
-SUBCOMMANDS = ["train", "finetune", "eval", "predict", "export", "chat", "convert", "merge-lora", "rank-table",
-               "merge-rank-tables", "transform-ckpt", "validate", "plot", "launch"]
+RUN_MODE_COMMANDS = list(RUN_MODES)   # train, finetune, eval, predict, export, chat (and serve, once it lands)
+SUBCOMMANDS = [*RUN_MODE_COMMANDS, "convert", "merge-lora", "rank-table", "merge-rank-tables", "transform-ckpt",
+               "validate", "plot", "launch"]
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ def test_help_lists_every_subcommand(glm):
     listed = [ln.split()[0] for ln in out.split("Commands:")[1].splitlines() if ln.startswith("  ") and
               not ln.startswith("   ")]
     assert listed == SUBCOMMANDS
+    assert {"train", "finetune", "eval", "predict", "export", "chat"} <= set(RUN_MODE_COMMANDS)
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
@@ -58,7 +60,7 @@ def test_each_subcommand_has_help(glm, name):
     rc, out, err = glm(name, "--help")
     assert rc == 0 and err == "", err
     assert out.startswith(f"Usage: glm {name} [OPTIONS]")
-    if name in ("train", "finetune", "eval", "predict", "export", "chat"):
+    if name in RUN_MODE_COMMANDS:
         assert "--config" in out and "--load_checkpoint" in out and "OVERRIDES" in out
 
 

@@ -208,11 +208,12 @@ class GreedyChunk(nn.Cell):
     discard tokens beyond their budget.
     """
 
-    def __init__(self, lm: GLMForCausalLM, steps: int):
+    def __init__(self, lm: GLMForCausalLM, steps: int, vocab: int | None = None):
         super().__init__(auto_prefix=False)
         if not lm.config.use_past:
             raise ValueError("GreedyChunk needs a model built with use_past=True")
         self.lm, self.steps = lm, steps
+        self.vocab = vocab if vocab and vocab < lm.config.padded_vocab_size else None   # argmax over real ids only
         self.last_slot = lm.config.seq_length - 1
 
     def construct(self, tokens: Tensor, positions: Tensor):
@@ -225,7 +226,9 @@ class GreedyChunk(nn.Cell):
         for _ in range(self.steps):
             hidden, past = self.lm.cached_hidden(tokens, positions, past)
             logits = self.lm.logits(hidden.reshape(b, -1))
-            finite.append(ops.isfinite(logits.max(-1)))
+            if self.vocab is not None:
+                logits = logits[:, :self.vocab]
+            finite.append(ops.isfinite(logits.max(axis=-1)))   # max(-1) is (values, indices) in PyNative
             tokens = ops.argmax(logits, -1).astype(ms.int32).reshape(b, 1)
             chosen.append(tokens)
             positions = ops.minimum(positions + 1, self.last_slot)

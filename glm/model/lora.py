@@ -17,8 +17,6 @@ from glm import GLMError
 from glm.model.layers import Linear
 from glm.runtime import ms
 
-DEFAULT_TARGETS = r".*query_key_value$"
-
 
 class LoRALinear(Linear):
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float):
@@ -48,19 +46,15 @@ class LoRALinear(Linear):
         return y + delta.reshape(shape[:-1] + (self.out_features,))
 
 
+LORA_KEYS = ("pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules")
+
+
 def lora_settings(pet_config: dict | None) -> dict | None:
-    """Normalised LoRA hyper-parameters from `model.model_config.pet_config`, or None."""
-    if not pet_config:
+    """The LoRA hyper-parameters of a pet_config the loader validated (glm/settings.py PetConfig: the keys'
+    defaults and checks live there), or None when it asks for no LoRA."""
+    if not pet_config or pet_config.get("pet_type") != "lora":
         return None
-    kind = pet_config.get("pet_type", "lora")
-    if kind != "lora":
-        raise GLMError(f"model.model_config.pet_config.pet_type: only 'lora' is supported, got {kind!r}")
-    rank = int(pet_config.get("lora_rank", 8))
-    if rank < 1:
-        raise GLMError(f"model.model_config.pet_config.lora_rank: expected >= 1, got {rank}")
-    return {"pet_type": "lora", "lora_rank": rank, "lora_alpha": float(pet_config.get("lora_alpha", 16)),
-            "lora_dropout": float(pet_config.get("lora_dropout", 0.0)),
-            "target_modules": str(pet_config.get("target_modules") or DEFAULT_TARGETS)}
+    return {k: pet_config[k] for k in LORA_KEYS}
 
 
 def apply_lora(model: nn.Cell, settings: dict) -> list[str]:

@@ -13,7 +13,7 @@ applies to the prefix in training only. The base model is frozen: only the prefi
 
 Parameter names are MindFormers' (`prefix_encoder.mindpet_delta_ptuning2_*`), so its P-Tuning checkpoints
 load unchanged; THUDM's `transformer.prefix_encoder.{embedding,trans.0,trans.2}` are renamed on load
-(glm/weights.py).
+(glm/weights.py PREFIX_THUDM_NAMES).
 """
 
 from __future__ import annotations
@@ -26,16 +26,6 @@ from glm.model.layers import Linear
 from glm.runtime import ms
 
 TABLE = "prefix_encoder.mindpet_delta_ptuning2_embedding.embedding_table"
-# MindFormers' non-trainable `arange(pre_seq_len)` index buffer: derived, never loaded.
-INDEX_BUFFER = "prefix_encoder.mindpet_delta_ptuning2_prefix"
-# THUDM ChatGLM2 ptuning checkpoint names -> ours.
-THUDM_NAMES = {
-    "transformer.prefix_encoder.embedding.weight": TABLE,
-    "transformer.prefix_encoder.trans.0.weight": "prefix_encoder.mindpet_delta_ptuning2_dense_in.weight",
-    "transformer.prefix_encoder.trans.0.bias": "prefix_encoder.mindpet_delta_ptuning2_dense_in.bias",
-    "transformer.prefix_encoder.trans.2.weight": "prefix_encoder.mindpet_delta_ptuning2_dense_out.weight",
-    "transformer.prefix_encoder.trans.2.bias": "prefix_encoder.mindpet_delta_ptuning2_dense_out.bias",
-}
 
 
 class _Table(nn.Cell):

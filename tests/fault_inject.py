@@ -1,0 +1,52 @@
+"""Run `run_glm.py` with a fault injected into MindSpore's checkpoint writer, as an unlucky operator meets it.
+
+    python tests/fault_inject.py MODE N run_glm.py-args...
+
+MODE, at the N-th checkpoint write (1-based), after half of MindSpore's own `<name>.tmp` is on disk:
+- `kill`:   SIGKILL this process (a kill -9 or an OOM kill during the write);
+- `hang`:   print "HANGING <pid>" and sleep (a long write another run can collide with);
+- `enospc`: raise OSError(ENOSPC) as a full disk does.
+Only the test harness uses this; the product has no fault hooks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import runpy
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    mode, when, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    sys.path.insert(0, str(REPO))
+    import mindspore
+
+    real = mindspore.save_checkpoint
+    calls = [0]
+
+    def faulty(save_obj, ckpt_file_name, *a, **k):
+        calls[0] += 1
+        if calls[0] != when:
+            return real(save_obj, ckpt_file_name, *a, **k)
+        inner = Path(ckpt_file_name).with_suffix(".tmp")   # where MindSpore writes first
+        inner.write_bytes(b"\0" * 4096)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "hang":
+            print(f"HANGING {os.getpid()}", flush=True)
+            time.sleep(600)
+        raise OSError(errno.ENOSPC, "No space left on device", str(inner))
+
+    mindspore.save_checkpoint = faulty
+    sys.argv = [str(REPO / "run_glm.py"), *args]
+    runpy.run_path(str(REPO / "run_glm.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
