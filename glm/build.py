@@ -90,12 +90,13 @@ def check_vocab(tokenizer, mcfg: GLMConfig, where: str) -> None:
 
 
 def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, required: bool,
-                     run_mode: str, _adapter_follows: bool = False) -> list[str]:
+                     run_mode: str, metas: Optional[list] = None, _adapter_follows: bool = False) -> list[str]:
     """Load base weights and/or an adapter (LoRA, or a P-Tuning v2 prefix) into `model`; return the files used.
 
     `lora` is `build_model`'s tuning settings. An adapter checkpoint written by this tool names the base
     weights it was trained on, so `--load_checkpoint adapter.ckpt` alone is enough when that base file
-    is still where it was.
+    is still where it was. `metas`, if given, receives the meta of every file loaded that has one, in load
+    order (base first).
     """
     from glm.checkpoint import load_state
     from glm.weights import load_weights, load_weights_into
@@ -120,12 +121,16 @@ def load_checkpoints(model: GLMForCausalLM, value, lora: Optional[dict], *, requ
                 _check_adapter(path, meta, lora)
                 if i == 0 and meta.get("base_checkpoint") not in (None, "", RANDOM_INIT):
                     used += load_checkpoints(model, meta["base_checkpoint"], None, required=True,
-                                             run_mode=run_mode, _adapter_follows=True)
+                                             run_mode=run_mode, metas=metas, _adapter_follows=True)
+                if metas is not None:
+                    metas.append(meta)
                 state = {k: v.asnumpy() for k, v in params.items()}
                 load_weights_into(model, state, where=path, part="adapter")
                 used.append(path)
                 adapter_loaded = True
                 continue
+            if metas is not None:
+                metas.append(meta)
         # Adapter weights of another origin (a THUDM prefix .bin, ...) after the base: only theirs count.
         part = "adapter" if lora and i > 0 else ("base" if _adapter_follows or len(paths) > 1 else "all")
         missing, _ = load_weights(model, path, part=part)

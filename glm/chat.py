@@ -116,7 +116,7 @@ def run_chat(cfg: dict, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) 
     name = (as_run(cfg).trainer.model_name if cfg else "") or "the model"
     stdout.write(f"loading {name}… (building and compiling the model)\n")
     stdout.flush()
-    tok, generator, gen = predict._session(cfg, 1, "chat")
+    tok, generator, gen = predict._session(cfg, 1, "chat")[:3]
     if hasattr(generator, "warm_up"):
         generator.warm_up(gen)
     chat = ChatSession(tok, generator, gen)

@@ -109,10 +109,16 @@ def _export(cfg: dict, opts: dict) -> None:
     run_export(cfg)
 
 
+# How eval/predict/chat encode prompts (glm/prompt_format.py); --raw_prompt is the older spelling of raw.
+_FORMAT_OPTIONS = [
+    click.option("--prompt_format", type=click.Choice(["auto", "raw", "glm2", "glm3_chat"]), default=None,
+                 help="Prompt encoding; auto (default): the format the checkpoint was fine-tuned with."),
+    click.option("--raw_prompt", is_flag=True, help="Same as --prompt_format raw: the text as is, no template."),
+]
 _PREDICT_OPTIONS = [
     click.option("--predict_data", multiple=True,
                  help="A prompt, several (repeat the flag), or a file (.txt one per line, .jsonl)."),
-    click.option("--raw_prompt", is_flag=True, help="Use the prompt text as is (no chat template)."),
+    *_FORMAT_OPTIONS,
 ]
 
 _SERVE_OPTIONS = [
@@ -126,10 +132,10 @@ _SERVE_OPTIONS = [
 RUN_MODES: dict[str, tuple[Callable[[dict, dict], None], str, list]] = {
     "train": (_train, "Train from the config's weights (or random) on train_dataset.", []),
     "finetune": (_train, "Fine-tune load_checkpoint (full or LoRA) on train_dataset.", []),
-    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE).", []),
+    "eval": (_eval, "Generate on eval_dataset and score it (BLEU-4, ROUGE).", _FORMAT_OPTIONS),
     "predict": (_predict, "Answer prompts given with --predict_data (text, .txt or .jsonl).", _PREDICT_OPTIONS),
     "export": (_export, "Export a MindIR graph for serving.", []),
-    "chat": (_chat, "Talk to the model on the terminal, keeping the history.", []),
+    "chat": (_chat, "Talk to the model on the terminal, keeping the history.", _FORMAT_OPTIONS),
     "serve": (_serve, "Serve the model over an OpenAI-compatible HTTP API.", _SERVE_OPTIONS),
 }
 
@@ -139,7 +145,8 @@ _FLAG_KEYS = {
     "seed": "seed", "train_dataset_dir": "train_dataset.data_loader.dataset_dir",
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir", "batch_size": "runner_config.batch_size",
     "epochs": "runner_config.epochs", "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
-    "max_steps": "runner_config.max_steps", "host": "serve.host", "port": "serve.port",
+    "max_steps": "runner_config.max_steps", "prompt_format": "prompt_format", "host": "serve.host",
+    "port": "serve.port",
 }
 
 _RUN_OPTIONS = [
@@ -193,6 +200,8 @@ def resolve_run_config(config_path: str, run_mode: str | None, flags: dict, over
     pairs = [(key, flags[flag]) for flag, key in _FLAG_KEYS.items() if flags.get(flag) is not None]
     if flags.get("use_parallel") is not None:
         pairs.append(("use_parallel", flags["use_parallel"].lower() in ("true", "1")))
+    if flags.get("raw_prompt"):
+        pairs.append(("prompt_format", "raw"))
     run_mode = run_mode or cfg.get("run_mode") or "train"
     if run_mode == "export" and flags.get("batch_size") is not None:
         pairs.append(("model.model_config.batch_size", flags["batch_size"]))

@@ -98,4 +98,12 @@ def _show_sample(run: RunConfig, name: str, mcfg) -> None:
         print(f"  label text  {tok.decode(kept)!r}" + ("  + eos" if len(kept) and kept[-1] == 2 else "  (NO eos!)"))
     else:
         print(f"  reference   {data.records[0].answer!r}")
+    if name == "train_dataset":
+        from glm.train_eval import eval_settings  # the run's checks: bad best_metric, no eval block, ...
+
+        plan = eval_settings(run)
+        if plan:
+            print(f"do_eval: every {plan.step_interval} steps / {plan.epoch_interval} epochs (<= 0: off), best by "
+                  f"{plan.best_metric} ({'higher' if plan.greater_is_better else 'lower'} is better), "
+                  f"early_stopping_patience {plan.patience}")
     print(f"\nbatches per epoch: {data.num_batches} (batch {data.batch_size}); dry run OK")

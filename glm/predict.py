@@ -1,7 +1,9 @@
 """`--run_mode predict` (prompts from the command line or a file); `--run_mode chat` is in glm/chat.py.
 
-Prompts go through the model family's template (GLM2's "[Round n]" prompt, GLM3's role tokens) unless
-`--raw_prompt` is given. Results are printed and written to `<output_dir>/predict_results.jsonl`.
+Prompts are encoded in the format the checkpoint was fine-tuned with (recorded in its meta), else in the
+model family's chat template (GLM2's "[Round n]" prompt, GLM3's role tokens); `prompt_format` /
+`--prompt_format` (or `--raw_prompt`) overrides it (see glm/prompt_format.py). Results are printed and
+written to `<output_dir>/predict_results.jsonl`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
 from glm.io import write_jsonl_atomic
+from glm.prompt_format import encode_prompt, family_format, recorded_format, resolve_prompt_format
 from glm.settings import RunConfig, as_run
 
 PROMPT_KEYS = ("prompt", "query", "content", "text", "input")
@@ -89,14 +92,17 @@ def _json_prompt(line: str, path: Path, no: int) -> str:
     raise GLMError(f"--predict_data {path}:{no}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
-def _session(cfg: RunConfig | dict, rows: int, run_mode: str):
+def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: str | None = None):
+    """(tokenizer, generator, generation config, prompt format) for predict and chat."""
     cfg = as_run(cfg)
     init_process(cfg)
     tok = build_tokenizer(cfg)
     model, lora = build_model(cfg, use_past=True, batch_size=rows)
     check_vocab(tok, model.config, tokenizer_section(cfg)[1])
-    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode)
-    return tok, Generator(model, use_cache=True), generation_config(cfg, tok)
+    metas: list[dict] = []
+    load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode, metas=metas)
+    fmt = resolve_prompt_format(requested_format or cfg.prompt_format, recorded_format(metas), family_format(tok))
+    return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 
 def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> list[dict]:
@@ -105,11 +111,12 @@ def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> l
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
     run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
     rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
-    tok, generator, gen = _session(cfg, rows, "predict")
+    tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
     else:
-        encoded = [tok.encode(p) if raw else tok.build_generation_input(p) for p in prompts]
+        print(f"prompt format: {fmt}", flush=True)
+        encoded = [encode_prompt(tok, fmt, p) for p in prompts]
     outputs = generator.generate(encoded, gen)
     results = [{"prompt": p, "response": tok.decode(o), "new_tokens": len(o)} for p, o in zip(prompts, outputs)]
     for r, c in zip(results, chats or []):

@@ -49,7 +49,7 @@ TRAIN_CURVES = {
 }
 # Numeric fields of eval_metrics.jsonl that are positions or counts, not metrics.
 NOT_EVAL_METRICS = frozenset({"step", "epoch", "samples", "global_step", "empty_predictions", "time",
-                              "elapsed_s", "eval_time_s"})
+                              "elapsed_s", "eval_time_s", "eval_samples", "eval_tokens", "eval_empty_predictions"})
 
 
 def new_run_id() -> str:

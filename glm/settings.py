@@ -343,6 +343,18 @@ class RunConfig:
     do_eval: bool = key(False, "evaluate on eval_dataset during training")
     eval_step_interval: int = key(500, "steps between evaluations (<= 0: off)")
     eval_epoch_interval: int = key(-1, "epochs between evaluations (<= 0: off)")
+    best_metric: str = key("eval_loss", "do_eval: the metric that picks <prefix>_rank_r-best.ckpt: eval_loss, "
+                           "eval_perplexity, eval_rouge-1/2/l, eval_bleu-4 (ADGENMetric); 'loss' = 'eval_loss'",
+                           ours=True)
+    greater_is_better: Optional[bool] = key(None, "do_eval: direction of best_metric (null: lower for "
+                                            "loss/perplexity, higher for ROUGE/BLEU)", kind=(bool, NONE), ours=True)
+    early_stopping_patience: int = key(0, "do_eval: stop after this many evaluations without improvement (0: never)",
+                                       min=0, ours=True)
+    early_stopping_threshold: float = key(0.0, "do_eval: an improvement must beat the best by more than this",
+                                          min=0, ours=True)
+    prompt_format: str = key("auto", "eval/predict/chat prompt encoding: auto (the format the checkpoint was "
+                             "fine-tuned with), raw, glm2, glm3_chat", kind=frozenset({"auto", "raw", "glm2",
+                                                                                     "glm3_chat"}), ours=True)
     remote_save_url: str = key("", "ModelArts OBS upload", status=NOTICE, note="ModelArts only")
     predict_batch_size: Optional[int] = key(None, "predict: prompts per batch (null: runner_config.batch_size)",
                                             kind=(int, NONE), min=1)

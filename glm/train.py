@@ -42,9 +42,11 @@ from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.io import output_lock, remove_stale_temps, write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule, lr_multiplier
+from glm.prompt_format import data_format
 from glm.runlog import RunLog, new_run_id, plot_run, run_log, terminal, write_to_log
 from glm.runtime import ms
 from glm.settings import LossScaleConfig, RunConfig, as_run
+from glm.train_eval import TrainEvaluator, eval_settings
 from glm.train_step import LossScale, TrainStep
 
 
@@ -87,12 +89,14 @@ class Trainer:
             raise GLMError(f"runner_config.gradient_accumulation_steps {self.accumulate} is larger than the "
                            f"{self.data.num_batches} batches of an epoch")
         self.total_steps = self.steps_per_epoch * self.epochs
+        # As HF Trainer: max_steps ends the run early and the schedule spans the steps that will run.
+        self.stop_at = self.total_steps if self.max_steps in (None, -1) else min(int(self.max_steps), self.total_steps)
         self.base_checkpoint = run.load_checkpoint or ""
         self.loaded = load_checkpoints(self.model, self.base_checkpoint, self.lora,
                                        required=run_mode == "finetune", run_mode=run_mode)
         self.model.set_train(True)
         global_batch = self.batch_size * self.accumulate * self.proc.world
-        self.schedule = build_schedule(run.lr_schedule, self.total_steps, self.steps_per_epoch,
+        self.schedule = build_schedule(run.lr_schedule, self.stop_at, self.steps_per_epoch,
                                        scale=lr_multiplier(run.lr_scale, run.lr_scale_factor, global_batch))
         params = self.model.trainable_params()
         self.optimizer = build_optimizer(run.optimizer, params)
@@ -106,6 +110,11 @@ class Trainer:
         self.global_step, self.start_epoch, self.skip = 0, 0, 0
         self.run_id = new_run_id()
         self.last_checkpoint: Optional[Path] = None
+        self.prompt_format = data_format(dataclasses.asdict(run.train_data))
+        settings = eval_settings(run)
+        self.evaluator = settings and TrainEvaluator(run, settings, self.model, self.proc, self.out,
+                                                     self.batch_size, self._save_best)
+        self.nothing_to_do: Optional[str] = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _loss_scale(self) -> Optional[LossScale]:
@@ -162,8 +171,35 @@ class Trainer:
             self.start_epoch, self.skip = self.start_epoch + 1, 0
         self.last_checkpoint = path
         self.prefix = self._continued_prefix(path, latest=resume in (True, "True", "true", "latest"))
+        if self.evaluator:
+            self.evaluator.load_state_dict(meta.get("eval_state"), self.global_step)
         print(f"resumed from {path} at step {self.global_step} (epoch {self.start_epoch + 1}, "
               f"step {self.skip} of the epoch)", flush=True)
+        self._check_continuation(meta)
+
+    def _check_continuation(self, meta: dict) -> None:
+        """A resumed run that has nothing left to do says why in one line; one whose schedule changed
+        (a larger --max_steps) says so."""
+        step, span = self.global_step, meta.get("schedule_steps")
+        if self.evaluator and self.evaluator.should_stop():
+            self.nothing_to_do = (f"the run stopped early at step {step}: {self.evaluator.stop_reason()}; raise "
+                                  "early_stopping_patience (or set it to 0) to continue")
+        elif step >= self.stop_at:
+            if self.max_steps not in (None, -1) and int(self.max_steps) > step:
+                raise GLMError(f"runner_config.max_steps {self.max_steps}: the checkpoint at step {step} has "
+                               f"finished all {self.epochs} epochs x {self.steps_per_epoch} steps; max_steps only "
+                               "shortens a run (raise runner_config.epochs to train longer)")
+            self.nothing_to_do = (f"the checkpoint is at step {step}, the end of this run ({self._span_text()}); "
+                                  "raise --max_steps or --epochs to train further")
+        elif span is not None and int(span) != self.schedule.total:
+            print(f"resume: the lr schedule now spans {self.schedule.total} steps (the checkpoint's run: {span}); "
+                  f"lr at step {step + 1} is {self.schedule(step):.3e}", flush=True)
+
+    def _span_text(self) -> str:
+        run = f"{self.epochs} epochs x {self.steps_per_epoch} steps = {self.total_steps}"
+        if self.stop_at < self.total_steps:
+            return f"max_steps {self.stop_at} of {run}"
+        return run
 
     def _continued_prefix(self, path: Path, latest: bool) -> str:
         """A resumed run writes on under the prefix of the file it resumed from when that file is its run's
@@ -178,6 +214,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        if self.nothing_to_do:
+            print(f"nothing to train: {self.nothing_to_do}", flush=True)
+            return {"run_mode": self.run_mode, "steps": self.global_step, "nothing_to_do": self.nothing_to_do}
         if self.prefix is None:
             self.prefix = new_run_prefix(self.out, self.base_prefix)
             if self.prefix != self.base_prefix and self.proc.is_main:
@@ -191,10 +230,14 @@ class Trainer:
             save_resolved(self.cfg, self.out)
             write_json_atomic(self.data.stats, self.out / "data_stats.json")
         total, trainable = count_parameters(self.model), count_parameters(self.model, True)
-        stop_at = self.total_steps if self.max_steps in (None, -1) else min(int(self.max_steps), self.total_steps)
+        stop_at = self.stop_at
         print(f"training: {total:,} parameters ({trainable:,} trainable), {self.steps_per_epoch} steps/epoch x "
               f"{self.epochs} epochs, global batch {self.batch_size * self.accumulate * self.proc.world}, "
               f"world {self.proc.world}", flush=True)
+        sched = self.schedule
+        print(f"lr schedule: {sched.kind} over {sched.total} steps (run: {self._span_text()}"
+              f"{'; lr_schedule.total_steps' if sched.total != stop_at else ''}), warmup {sched.warmup}, "
+              f"peak {sched.lr:g}", flush=True)
         log_name = "metrics.jsonl" if self.proc.is_main else f"metrics_rank{self.proc.rank}.jsonl"
         log = RunLog(self.run, self.out, log_name, main=self.proc.is_main, run_id=self.run_id)
         bar = tqdm(total=stop_at, initial=self.global_step, disable=not (self.proc.is_main and sys.stderr.isatty()),
@@ -242,9 +285,18 @@ class Trainer:
                             print(line, flush=True)
                         else:   # the terminal has the bar; the log file gets the line
                             write_to_log(line)
-                    end_of_run = self.global_step >= stop_at
+                    epoch_end = step_in_epoch + 1 == self.steps_per_epoch
+                    if self.evaluator and self.evaluator.due(self.global_step, epoch_end, epoch):
+                        self.evaluator.run(self.global_step, epoch, log)
+                    stopping = bool(self.evaluator and self.evaluator.should_stop())
+                    end_of_run = self.global_step >= stop_at or stopping
                     if self.save_steps and (self.global_step % self.save_steps == 0 or end_of_run):
                         self._save(epoch, step_in_epoch + 1, seq)
+                    if stopping:
+                        print(f"early stopping at step {self.global_step}: {self.evaluator.stop_reason()}",
+                              flush=True)
+                        stop_at = self.global_step
+                        break
         finally:
             bar.close()
             log.close()
@@ -300,25 +352,30 @@ class Trainer:
         return {"kind": kind, "global_step": self.global_step, "seed": self.run.seed, "rng": rng,
                 # "pet": the tuning settings (LoRA or P-Tuning v2); "lora" kept for older readers.
                 "pet": self.lora, "lora": self.lora if (self.lora or {}).get("pet_type") == "lora" else None,
-                "base_checkpoint": self.base_checkpoint if self.lora else None,
+                "base_checkpoint": self.base_checkpoint if self.lora else None, "prompt_format": self.prompt_format,
                 "rank": self.proc.rank, "world": self.proc.world, "run_prefix": self.prefix,
                 "fingerprint": self.fingerprint, "config": self.cfg, **extra}
 
     def _save(self, epoch: int, step_in_epoch: int, seq: int) -> None:
         directory = rank_dir(self.out, self.proc.rank)
         path = directory / checkpoint_name(self.prefix, self.proc.rank, epoch + 1, step_in_epoch)
-        meta = self._meta("train_state", epoch=epoch, step_in_epoch=step_in_epoch, seq_length=seq)
+        meta = self._meta("train_state", epoch=epoch, step_in_epoch=step_in_epoch, seq_length=seq,
+                          schedule_steps=self.schedule.total,
+                          eval_state=self.evaluator.state_dict() if self.evaluator else None)
         self.last_checkpoint = save_atomic(params_to_items(self._state_params()), path, meta)
         prune(directory, self.keep, self.prefix, protect=self.last_checkpoint)
 
-    def _save_weights(self) -> Path:
+    def _save_weights(self, tag: Optional[str] = None, **extra) -> Path:
         """Weights-only file for eval/predict/merging: the whole model, or just the adapter (LoRA factors
         or the P-Tuning v2 prefix encoder)."""
         kind = "adapter" if self.lora else "network"
         path = rank_dir(self.out, self.proc.rank, "checkpoint_network") / \
-            f"{self.prefix}_rank_{self.proc.rank}-{kind}.ckpt"
+            f"{self.prefix}_rank_{self.proc.rank}-{tag or kind}.ckpt"
         params = self.model.trainable_params() if self.lora else self.model.get_parameters()
-        return save_atomic(params_to_items(params), path, self._meta(kind))
+        return save_atomic(params_to_items(params), path, self._meta(kind, **extra))
+
+    def _save_best(self, best: dict) -> Path:
+        return self._save_weights("best", best=best)
 
 
 def nonfinite_message(step: int, loss: float, norm: float, last_checkpoint: Optional[Path]) -> str:

@@ -28,8 +28,8 @@ Session fixtures (all from configs/glm2/run_glm2_tiny*.yaml, `--load_checkpoint 
 TinyRun also gives `records` / `losses` (metrics.jsonl), `summary` (train_summary.json) and `log`
 (log/glm.log: everything the run printed). Helpers for driving the CLI are in tests/cli_utils.py.
 
-The fixtures work under pytest-xdist too (`-n 2`): keep new tests independent of order and of other
-tests' files.
+The suite runs on one pytest-xdist worker per core (setup.cfg's addopts: `-n auto`; `-n 0` runs it in one
+process, e.g. with --pdb): keep new tests independent of order and of other tests' files.
 
 Markers: `slow` (multi-process or long runs, > ~20 s; every test that uses a shared run is marked
 automatically) runs in CI like every other test; deselect it locally with `-m "not slow"`.
@@ -122,7 +122,9 @@ TRAINED_STEPS = 30
 
 def _trained_args(out: Path) -> tuple[str, ...]:
     return ("--config", TINY2, "--run_mode", "finetune", "--output_dir", str(out), "--load_checkpoint", "random",
-            "--max_steps", str(TRAINED_STEPS), *FAST, "callbacks.CheckpointMonitor.save_checkpoint_steps=1000")
+            "--max_steps", str(TRAINED_STEPS), *FAST, "callbacks.CheckpointMonitor.save_checkpoint_steps=1000",
+            "lr_schedule.total_steps=300")   # the schedule the eval/predict tests were tuned on (max_steps alone
+    # now shortens it to 30 steps, as in HF Trainer)
 
 
 @pytest.fixture(scope="session")

@@ -220,8 +220,11 @@ def test_predict_a_txt_file_and_a_jsonl_file(trained, oracle, tmp_path):
 def test_predict_with_the_glm3_config_uses_its_role_template(trained, oracle, tmp_path):
     tok3 = oracle.tok(TINY3)
     assert tok3.build_generation_input("你好")[:3] == tok3.prefix + [tok3.special_tokens["<|user|>"]]
-    # One text (the single-prompt form of --predict_data).
-    proc, results = predict(trained["ckpt"], tmp_path, "--predict_data", "类型#裙*颜色#红色", config=TINY3)
+    # One text (the single-prompt form of --predict_data). The checkpoint records the glm2 format it was
+    # fine-tuned with; asking for GLM3's role template is honoured with a warning naming both.
+    proc, results = predict(trained["ckpt"], tmp_path, "--predict_data", "类型#裙*颜色#红色",
+                            "--prompt_format", "glm3_chat", config=TINY3)
+    assert "prompt format glm3_chat was requested but the checkpoint was fine-tuned with glm2" in proc.stderr
     assert len(results) == 1 and results[0]["prompt"] == "类型#裙*颜色#红色"
     assert results[0]["response"] == oracle.answer("类型#裙*颜色#红色", config=TINY3)
     assert results[0]["response"] != oracle.answer("类型#裙*颜色#红色")    # not GLM2's template
@@ -273,7 +276,7 @@ def test_chat_drops_old_turns_so_that_each_answer_has_room(oracle, monkeypatch):
     tok = oracle.tok()
     gen = generation_config(oracle.cfgs[TINY2], tok)
     assert gen.max_length == 64
-    monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, oracle.generator, gen))
+    monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, oracle.generator, gen, "glm2"))
     query = "类型#裙*颜色#红色*风格#简约*图案#格子"
     out = io.StringIO()
     glm.predict.run_chat({}, io.StringIO(f"{query}\n" * 3), out)     # EOF ends the chat like /exit

@@ -114,7 +114,8 @@ def test_data_stats_json_has_truncation_counts_and_percentiles(base_run):
 
 def test_stop_and_resume_equals_uninterrupted(base_run, tmp_path):
     out = tmp_path / "split"
-    finetune(out, "--max_steps", "4", "callbacks.CheckpointMonitor.save_checkpoint_steps=2")
+    # The uninterrupted run's schedule spans its 8 steps; --max_steps 4 alone would span 4 (as in HF Trainer).
+    finetune(out, "--max_steps", "4", "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "lr_schedule.total_steps=8")
     proc = finetune(out, "--max_steps", "8", "--resume_training", "callbacks.CheckpointMonitor.save_checkpoint_steps=2")
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert max_diff(final_weights(out), final_weights(base_run)) <= 1e-6

@@ -70,7 +70,7 @@ def run_serve(cfg: dict) -> None:
     s = serve_settings(cfg)
     sock = _bind(s["host"], int(s["port"]))   # fail fast on a taken port, before minutes of loading
     print(f"loading {s['model_name']} (batch of {s['batch_size']})…", file=sys.stderr, flush=True)
-    tok, generator, gen = _session(cfg, s["batch_size"], "serve")
+    tok, generator, gen = _session(cfg, s["batch_size"], "serve")[:3]
     generator.warm_up(gen)
     engine = Engine(tok, generator, s["max_queue"])
     engine.start()
