@@ -36,7 +36,7 @@ PROMPTS = [json.loads(line)["content"] for line in (REPO / "data/sample/dev.json
 def start(batch: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, str(REPO / "run_glm.py"), "--config", CONFIG, "--run_mode", "serve",
                              "--load_checkpoint", "random", "--port", "0", f"serve.batch_size={batch}",
-                             "serve.model_name=tiny"], cwd=REPO, stdout=subprocess.PIPE,
+                             "serve.model_name=tiny", "--output_dir", f"/tmp/bench_serve_{batch}_{os.getpid()}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = proc.stdout.readline()
     m = re.search(r"(http://127\.0\.0\.1:\d+)", line)

@@ -77,8 +77,9 @@ def expected(glm2_ckpt, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(glm2_ckpt):
-    srv = Server("--config", TINY2, "--load_checkpoint", glm2_ckpt, DECODE, "serve.batch_size=8")
+def server(glm2_ckpt, tmp_path_factory):
+    srv = Server("--config", TINY2, "--load_checkpoint", glm2_ckpt, DECODE, "serve.batch_size=8",
+                 "--output_dir", str(tmp_path_factory.mktemp("serve_out")))   # one run per output folder
     yield srv
     # Graceful shutdown: a stream in flight when SIGTERM arrives still ends with [DONE]; the process exits 0.
     done: list[str] = []
@@ -340,7 +341,8 @@ def tool_server(tmp_path_factory):
                            f"train_tool_model(__import__('pathlib').Path({str(ckpt)!r}))"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    srv = Server("--config", TINY3, "--load_checkpoint", str(ckpt), "model.model_config.seq_length=320",
+    srv = Server("--config", TINY3, "--load_checkpoint", str(ckpt), "--output_dir", str(ckpt.parent / "out"),
+                 "model.model_config.seq_length=320",
                  "model.model_config.max_decode_length=320", "serve.batch_size=2")
     yield srv
     code, err = srv.stop()
