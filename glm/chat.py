@@ -2,8 +2,11 @@
 
 Lines starting with "/" are commands, answered here and never sent to the model (see HELP). The
 conversation is kept as OpenAI-style messages and encoded by the server's builder
-(`glm.serve.protocol.encode_messages`), so the terminal and the HTTP API put the same prompt in front of
-the model. When the history outgrows the model's window, the oldest turns are dropped with a notice.
+(`glm.serve.protocol.encode_messages`) in the prompt format the checkpoint was fine-tuned with (as predict
+and eval; `--prompt_format` overrides), so the terminal, the HTTP API and predict put the same prompt in
+front of the model. A `raw` model (data_loader version 3) knows no turns: earlier turns are prepended as
+plain text, said once. When the history outgrows the model's window, the oldest turns are dropped with a
+notice.
 """
 
 from __future__ import annotations
@@ -70,11 +73,13 @@ def load_tools(path: str) -> list[dict]:
 class ChatSession:
     """The conversation: a system prompt, tools, and turns (each a list of messages, user first)."""
 
-    def __init__(self, tok, generator, gen):
-        from glm.tokenizer import ChatGLM3Tokenizer
+    def __init__(self, tok, generator, gen, fmt: str = ""):
+        from glm.prompt_format import family_format
 
         self.tok, self.generator, self.gen = tok, generator, gen
-        self.glm3 = isinstance(tok, ChatGLM3Tokenizer)
+        self.fmt = fmt or family_format(tok)
+        self.glm3 = self.fmt == "glm3_chat"   # role tokens: system prompt, tools, metadata lines
+        self.told_raw = False
         self.system: str = ""
         self.tools: list[dict] = []
         self.turns: list[list[dict]] = []
@@ -88,7 +93,7 @@ class ChatSession:
 
         try:
             req = ChatRequest(model="chat", messages=self.messages(turns), tools=self.tools or None)
-            return encode_messages(self.tok, req)[0]
+            return encode_messages(self.tok, req, self.fmt)[0]
         except RequestError as e:
             raise GLMError(e.message) from None
 
@@ -116,10 +121,11 @@ def run_chat(cfg: dict, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) 
     name = (as_run(cfg).trainer.model_name if cfg else "") or "the model"
     stdout.write(f"loading {name}… (building and compiling the model)\n")
     stdout.flush()
-    tok, generator, gen = predict._session(cfg, 1, "chat")[:3]
+    tok, generator, gen, fmt = predict._session(cfg, 1, "chat")
     if hasattr(generator, "warm_up"):
         generator.warm_up(gen)
-    chat = ChatSession(tok, generator, gen)
+    chat = ChatSession(tok, generator, gen, fmt)
+    stdout.write(f"prompt format: {fmt}\n")
     stdout.write("chat: type a message; /help lists the commands, /reset clears the history, /exit quits\n")
     while True:
         stdout.write(">>> ")
@@ -161,7 +167,7 @@ def _command(chat: ChatSession, text: str, out: TextIO) -> bool:
 
 def _tools_command(chat: ChatSession, arg: str, out: TextIO) -> None:
     if not chat.glm3:
-        out.write("/tools needs a ChatGLM3 model (this one uses the ChatGLM2 format)\n")
+        out.write(f"/tools needs the glm3_chat prompt format (this model uses {chat.fmt})\n")
     elif not arg:
         names = ", ".join(t["function"]["name"] for t in chat.tools)
         out.write(f"(tools: {names})\n" if names else "(no tools; /tools FILE.json offers some)\n")
@@ -213,6 +219,10 @@ def _answer(chat: ChatSession, current: list[dict], out: TextIO) -> Optional[dic
         out.write(f"error: this message alone is {len(ids)} tokens; the window is {chat.limit()} "
                   "(shorten it, or use a shorter /system prompt or fewer /tools)\n")
         return None
+    if chat.fmt == "raw" and chat.turns and not chat.told_raw:
+        chat.told_raw = True
+        out.write("(this model was fine-tuned on single prompts (prompt format raw): earlier turns are "
+                  "prepended as plain text; /reset to ask without them)\n")
     tools = [t["function"] for t in chat.tools]
     reply = ReplyStream(tools, chat.glm3)
     printer = _Printer(chat.tok, out, reply)

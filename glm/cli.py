@@ -92,7 +92,7 @@ def _predict(cfg: dict, opts: dict) -> None:
 
 
 def _chat(cfg: dict, opts: dict) -> None:
-    from glm.predict import run_chat
+    from glm.chat import run_chat
 
     run_chat(cfg)
 

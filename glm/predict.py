@@ -22,7 +22,6 @@ from glm.build import (
     load_checkpoints,
     tokenizer_section,
 )
-from glm.chat import _Printer, run_chat  # noqa: F401  (the chat lives in glm/chat.py; run_glm imports it here)
 from glm.chat_format import chat_prompt_ids, parse_reply, reply_text
 from glm.conversations import read_chat_prompts
 from glm.generate import Generator
@@ -102,6 +101,7 @@ def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: 
     metas: list[dict] = []
     load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode=run_mode, metas=metas)
     fmt = resolve_prompt_format(requested_format or cfg.prompt_format, recorded_format(metas), family_format(tok))
+    encode_prompt(tok, fmt, "")   # a format this tokenizer cannot encode fails here, before any prompt
     return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 

@@ -54,12 +54,14 @@ class ScriptedGenerator:
         return [ids]
 
 
-def chat(monkeypatch, tok, replies: list[str], typed: str, max_length: int = 200):
+def chat(monkeypatch, tok, replies: list[str], typed: str, max_length: int = 200, fmt: str = ""):
     import glm.predict
     from glm.chat import run_chat
+    from glm.prompt_format import family_format
 
     gen = ScriptedGenerator(tok, replies)
-    monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, gen, _Gen(max_length=max_length)))
+    monkeypatch.setattr(glm.predict, "_session",
+                        lambda cfg, rows, mode: (tok, gen, _Gen(max_length=max_length), fmt or family_format(tok)))
     out = io.StringIO()
     run_chat({}, io.StringIO(typed), out)
     return out.getvalue(), gen
@@ -72,7 +74,7 @@ def test_commands_are_answered_locally_and_never_reach_the_model(monkeypatch):
     for cmd in ("/help", "/reset", "/exit", "/system TEXT", "/tools FILE"):
         assert cmd in text
     assert "unknown command /history; /help lists the commands" in text
-    assert "/tools needs a ChatGLM3 model" in text
+    assert "/tools needs the glm3_chat prompt format (this model uses glm2)" in text
     assert gen.prompts == [tok.build_generation_input("/reset")]     # "//" sends a literal "/"; /exit quit
 
 
@@ -99,6 +101,25 @@ def test_old_turns_are_dropped_with_a_notice(monkeypatch):
     assert text.count("(dropped the 1 oldest turn to fit the") == 2
     assert all(p == tok.build_generation_input(long) for p in gen.prompts)
     assert all(len(p) < one_turn for p in gen.prompts)
+
+
+def test_the_checkpoint_prompt_format_is_used_not_the_family_template(monkeypatch):
+    """A GLM3 fine-tuned on ADGEN version 2 (glm2) chats in "[Round n]" rounds, one fine-tuned on version 3
+    (raw) gets the text as is, earlier turns prepended as text with a one-time notice: the prompts predict's
+    encode_prompt builds, not ChatGLM3's role tokens."""
+    from glm.prompt_format import encode_prompt
+
+    tok = ChatGLM3Tokenizer(VOCAB)
+    text, gen = chat(monkeypatch, tok, ["答一", "答二"], "问一\n问二\n/tools x.json\n", fmt="glm2")
+    assert text.startswith("loading") and "prompt format: glm2" in text
+    assert gen.prompts == [encode_prompt(tok, "glm2", "问一"), encode_prompt(tok, "glm2", "问二", [("问一", "答一")])]
+    assert tok.decode(gen.prompts[1]).endswith("[Round 2]\n\n问：问二\n\n答：")
+    assert "/tools needs the glm3_chat prompt format (this model uses glm2)" in text
+    text, gen = chat(monkeypatch, tok, ["答一", "答二", "答三"], "问一\n问二\n问三\n", fmt="raw")
+    assert gen.prompts == [encode_prompt(tok, "raw", "问一"), encode_prompt(tok, "raw", "问二", [("问一", "答一")]),
+                           encode_prompt(tok, "raw", "问三", [("问一", "答一"), ("问二", "答二")])]
+    assert gen.prompts[0] == tok.encode("问一") and tok.special_tokens["<|user|>"] not in gen.prompts[2]
+    assert text.count("earlier turns are prepended as plain text") == 1
 
 
 def test_glm3_tool_call_is_shown_and_the_typed_observation_goes_back(monkeypatch, tmp_path):

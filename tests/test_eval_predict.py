@@ -256,7 +256,7 @@ def test_chat_printer_streams_exactly_the_decoded_answer(oracle):
     import io
 
     from glm.build import generation_config
-    from glm.predict import _Printer
+    from glm.chat import _Printer
 
     tok = oracle.tok()
     out = io.StringIO()
@@ -270,6 +270,7 @@ def test_chat_drops_old_turns_so_that_each_answer_has_room(oracle, monkeypatch):
     is trimmed from the oldest turn, instead of answering nothing (or failing) once the chat grows."""
     import io
 
+    import glm.chat
     import glm.predict
     from glm.build import generation_config
 
@@ -279,7 +280,7 @@ def test_chat_drops_old_turns_so_that_each_answer_has_room(oracle, monkeypatch):
     monkeypatch.setattr(glm.predict, "_session", lambda cfg, rows, mode: (tok, oracle.generator, gen, "glm2"))
     query = "类型#裙*颜色#红色*风格#简约*图案#格子"
     out = io.StringIO()
-    glm.predict.run_chat({}, io.StringIO(f"{query}\n" * 3), out)     # EOF ends the chat like /exit
+    glm.chat.run_chat({}, io.StringIO(f"{query}\n" * 3), out)     # EOF ends the chat like /exit
     answers = [a.rstrip("\n") for a in out.getvalue().split(">>> ")[1:]]
     assert len(answers) == 4 and answers[-1] == ""
     first = answers[0]

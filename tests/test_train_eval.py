@@ -136,6 +136,28 @@ def test_predict_on_training_prompts_gives_the_eval_text(glm3_run, tmp_path):
     assert answers == glm3_run["eval_predictions"] and any(answers)
 
 
+def test_server_answers_a_version_3_model_as_predict_does(glm3_run, tmp_path):
+    """`--run_mode serve` on the raw-format (version 3) GLM3 checkpoint encodes a chat message as predict does
+    (`[gMASK] sop <text>`, not ChatGLM3's role tokens), so the official client gets predict's text."""
+    pytest.importorskip("openai")
+    from test_serve import Server
+
+    best = json.loads((glm3_run["out"] / "best.json").read_text())["checkpoint"]
+    prompts = glm3_run["prompts"][:2]
+    run_glm("--config", TINY3, "--run_mode", "predict", "--load_checkpoint", best, "--output_dir",
+            str(tmp_path / "predict"), "--batch_size", "1", *[a for p in prompts for a in ("--predict_data", p)])
+    expected = [r["response"] for r in jsonl(tmp_path / "predict" / "predict_results.jsonl")]
+    srv = Server("--config", TINY3, "--load_checkpoint", best, "--output_dir", str(tmp_path / "serve"))
+    try:
+        client = srv.client()
+        got = [client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": p}],
+                                              temperature=0).choices[0].message.content for p in prompts]
+    finally:
+        code, err = srv.stop()
+    assert "prompt format: raw" in err and "warning" not in err and code == 0, err[-2000:]
+    assert got == expected and any(got)
+
+
 def test_configs_describe_the_version_3_format(glm3_run):
     for name in ("run_glm3_tiny.yaml", "run_glm3_tiny_lora.yaml"):
         text = (REPO / "configs/glm3" / name).read_text(encoding="utf-8")

@@ -3,6 +3,8 @@
     python run_glm.py --config CFG --run_mode serve --load_checkpoint W [--host 127.0.0.1] [--port 8000]
 
 Routes: POST /v1/chat/completions (streaming or not, tools for GLM3), GET /v1/models, GET /health.
+Messages are encoded in the prompt format the checkpoint was fine-tuned with (its meta), as predict and
+eval do; `--prompt_format` / `prompt_format` overrides it (glm/prompt_format.py).
 The model (base weights, or base + a LoRA adapter / P-Tuning prefix, through the same loading path as
 predict) is compiled once before the port opens; SIGINT/SIGTERM stop taking requests, let running ones
 finish (up to 30 s, then cancel them) and exit.
@@ -70,11 +72,12 @@ def run_serve(cfg: dict) -> None:
     s = serve_settings(cfg)
     sock = _bind(s["host"], int(s["port"]))   # fail fast on a taken port, before minutes of loading
     print(f"loading {s['model_name']} (batch of {s['batch_size']})…", file=sys.stderr, flush=True)
-    tok, generator, gen = _session(cfg, s["batch_size"], "serve")[:3]
+    tok, generator, gen, fmt = _session(cfg, s["batch_size"], "serve")
+    print(f"prompt format: {fmt}", file=sys.stderr, flush=True)
     generator.warm_up(gen)
     engine = Engine(tok, generator, s["max_queue"])
     engine.start()
-    app = create_app(engine, s["model_name"], gen)
+    app = create_app(engine, s["model_name"], gen, fmt)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS,
                             access_log=False)

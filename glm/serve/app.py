@@ -74,10 +74,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return f"{where or 'body'}: {e.get('msg')} (got {shown})", where or None
 
 
-def create_app(engine: Engine, model_id: str, default_gen: GenerationConfig) -> FastAPI:
+def create_app(engine: Engine, model_id: str, default_gen: GenerationConfig, prompt_format: str = "") -> FastAPI:
+    """The app; requests are encoded in `prompt_format` (default: the tokenizer's chat template)."""
     app = FastAPI(title="glm-launcher", docs_url=None, redoc_url=None, openapi_url=None)
     tok = engine.tok
-    glm3 = isinstance(tok, ChatGLM3Tokenizer)
+    prompt_format = prompt_format or ("glm3_chat" if isinstance(tok, ChatGLM3Tokenizer) else "glm2")
+    glm3 = prompt_format == "glm3_chat"   # role tokens: a metadata line, maybe a tool call
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -117,7 +119,7 @@ def create_app(engine: Engine, model_id: str, default_gen: GenerationConfig) -> 
             return _error(404, f"model {req.model!r} does not exist; this server serves {model_id!r}",
                           "not_found_error", "model", "model_not_found")
         try:
-            prompt, tools = encode_messages(tok, req)
+            prompt, tools = encode_messages(tok, req, prompt_format)
             gen = generation_settings(req, default_gen)
             try:
                 budget = engine.generator.budget(prompt, gen)

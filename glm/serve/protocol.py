@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from glm.chat_format import ChatFormatError, chat_prompt_ids, normalize_messages, reply_text
 from glm.chat_format import parse_reply as split_reply
 from glm.generate import GenerationConfig
+from glm.prompt_format import encode_prompt
 from glm.tokenizer import ChatGLM3Tokenizer
 
 Number = Union[StrictInt, StrictFloat]
@@ -169,27 +170,35 @@ def _tools_for(req: ChatRequest) -> list[dict]:
     return tools
 
 
-def encode_messages(tok, req: ChatRequest) -> tuple[list[int], list[dict]]:
-    """Prompt ids for the conversation (the tokenizer's chat format) and the tools offered (GLM3 only)."""
+def encode_messages(tok, req: ChatRequest, fmt: Optional[str] = None) -> tuple[list[int], list[dict]]:
+    """Prompt ids for the conversation in prompt format `fmt` (glm/prompt_format.py; default: the tokenizer's
+    chat template) and the tools offered (glm3_chat only).
+
+    glm3_chat: role tokens, tools and tool results. glm2: "[Round n]" rounds. raw (data_loader version 3):
+    the model knows no turns, so earlier turns are prepended as plain text, as `encode_prompt` does."""
     msgs = req.messages
     if msgs[-1].role not in ("user", "tool"):
         raise RequestError(f"messages: the last message must be from the user or a tool, got {msgs[-1].role!r}",
                            "messages")
-    if isinstance(tok, ChatGLM3Tokenizer):
+    fmt = fmt or ("glm3_chat" if isinstance(tok, ChatGLM3Tokenizer) else "glm2")
+    if fmt == "glm3_chat":
         return _encode_glm3(tok, req)
     if req.tools:
-        raise RequestError("tools: tool calls need a ChatGLM3 model (this one uses the ChatGLM2 format)", "tools")
-    return _encode_glm2(tok, msgs), []
+        raise RequestError(f"tools: tool calls need the glm3_chat prompt format (this model uses {fmt})", "tools")
+    query, pairs = _rounds(msgs, fmt)
+    return encode_prompt(tok, fmt, query, pairs), []
 
 
-def _encode_glm2(tok, msgs: list[Message]) -> list[int]:
-    """ChatGLM2 has rounds of (question, answer) and no system role: system text opens the first question."""
+def _rounds(msgs: list[Message], fmt: str) -> tuple[str, list[tuple[str, str]]]:
+    """(last question, earlier (question, answer) rounds): glm2 and raw have no system role, so system text
+    opens the first question."""
     system, pairs, query = [], [], None
     for i, m in enumerate(msgs):
         if m.role in ("system", "developer"):
             system.append(m.text())
         elif m.role == "tool":
-            raise RequestError(f"messages[{i}]: tool messages need a ChatGLM3 model", "messages")
+            raise RequestError(f"messages[{i}]: tool messages need the glm3_chat prompt format (this model "
+                               f"uses {fmt})", "messages")
         elif m.role == "user":
             query = m.text() if query is None else query + "\n" + m.text()
         elif query is None:
@@ -204,7 +213,7 @@ def _encode_glm2(tok, msgs: list[Message]) -> list[int]:
             pairs[0] = (first, pairs[0][1])
         else:
             query = first
-    return tok.build_generation_input(query, pairs)
+    return query, pairs
 
 
 def _encode_glm3(tok: ChatGLM3Tokenizer, req: ChatRequest) -> tuple[list[int], list[dict]]:
