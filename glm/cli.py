@@ -109,7 +109,7 @@ def _export(cfg: dict, opts: dict) -> None:
     run_export(cfg)
 
 
-# How eval/predict/chat encode prompts (glm/prompt_format.py); --raw_prompt is the older spelling of raw.
+# How eval/predict/chat/serve encode prompts (glm/prompt_format.py); --raw_prompt is the older spelling of raw.
 _FORMAT_OPTIONS = [
     click.option("--prompt_format", type=click.Choice(["auto", "raw", "glm2", "glm3_chat"]), default=None,
                  help="Prompt encoding; auto (default): the format the checkpoint was fine-tuned with."),

@@ -352,7 +352,7 @@ class RunConfig:
                                        min=0, ours=True)
     early_stopping_threshold: float = key(0.0, "do_eval: an improvement must beat the best by more than this",
                                           min=0, ours=True)
-    prompt_format: str = key("auto", "eval/predict/chat prompt encoding: auto (the format the checkpoint was "
+    prompt_format: str = key("auto", "eval/predict/chat/serve prompt encoding: auto (the format the checkpoint was "
                              "fine-tuned with), raw, glm2, glm3_chat", kind=frozenset({"auto", "raw", "glm2",
                                                                                      "glm3_chat"}), ours=True)
     remote_save_url: str = key("", "ModelArts OBS upload", status=NOTICE, note="ModelArts only")
