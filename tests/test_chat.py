@@ -209,3 +209,20 @@ def test_chat_in_a_terminal(tmp_path):
             term.proc.kill()
         os.close(term.master)
     assert "Traceback" not in term.seen
+
+
+def test_server_messages_follow_the_prompt_format():
+    """The HTTP API's builder (shared with chat): system text opens the first question for glm2/raw, history
+    becomes [Round n] rounds (glm2) or plain text (raw), and tools need glm3_chat."""
+    from glm.prompt_format import encode_prompt
+    from glm.serve.protocol import ChatRequest, RequestError, encode_messages
+
+    tok = ChatGLM3Tokenizer(VOCAB)
+    msgs = [{"role": "system", "content": "你是裁缝"}, {"role": "user", "content": "问一"},
+            {"role": "assistant", "content": "答一"}, {"role": "user", "content": "问二"}]
+    req = ChatRequest(model="m", messages=msgs)
+    for fmt in ("glm2", "raw"):
+        assert encode_messages(tok, req, fmt) == (encode_prompt(tok, fmt, "问二", [("你是裁缝\n\n问一", "答一")]), [])
+    assert encode_messages(tok, req)[0] == encode_messages(tok, req, "glm3_chat")[0] != encode_messages(tok, req, "raw")[0]
+    with pytest.raises(RequestError, match="tools: tool calls need the glm3_chat prompt format .*uses raw"):
+        encode_messages(tok, ChatRequest(model="m", messages=msgs, tools=TOOLS), "raw")
