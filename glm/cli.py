@@ -136,7 +136,7 @@ RUN_MODES: dict[str, tuple[Callable[[dict, dict], None], str, list]] = {
     "predict": (_predict, "Answer prompts given with --predict_data (text, .txt or .jsonl).", _PREDICT_OPTIONS),
     "export": (_export, "Export a MindIR graph for serving.", []),
     "chat": (_chat, "Talk to the model on the terminal, keeping the history.", _FORMAT_OPTIONS),
-    "serve": (_serve, "Serve the model over an OpenAI-compatible HTTP API.", _SERVE_OPTIONS),
+    "serve": (_serve, "Serve the model over an OpenAI-compatible HTTP API.", [*_SERVE_OPTIONS, *_FORMAT_OPTIONS]),
 }
 
 _FLAG_KEYS = {

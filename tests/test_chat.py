@@ -226,3 +226,15 @@ def test_server_messages_follow_the_prompt_format():
     assert encode_messages(tok, req)[0] == encode_messages(tok, req, "glm3_chat")[0] != encode_messages(tok, req, "raw")[0]
     with pytest.raises(RequestError, match="tools: tool calls need the glm3_chat prompt format .*uses raw"):
         encode_messages(tok, ChatRequest(model="m", messages=msgs, tools=TOOLS), "raw")
+
+
+def test_serve_and_chat_take_prompt_format_flags():
+    from click.testing import CliRunner
+
+    from glm.cli import cli, resolve_run_config
+
+    for mode in ("serve", "chat"):
+        help_text = CliRunner().invoke(cli, [mode, "--help"]).output
+        assert "--prompt_format" in help_text and "--raw_prompt" in help_text, help_text
+        cfg = resolve_run_config(str(REPO / "configs/glm3/run_glm3_tiny.yaml"), mode, {"prompt_format": "glm2"})
+        assert cfg["prompt_format"] == "glm2"
