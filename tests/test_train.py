@@ -151,11 +151,12 @@ def test_sigkill_between_checkpoints_resumes_from_last_complete(base_run, tmp_pa
 
 def test_gradient_accumulation_2xB_equals_batch_2B(tmp_path):
     a, b = tmp_path / "b4", tmp_path / "b2x2"
-    # The config's own warmup (lr 1e-4, 2e-4, 3e-4): the runs differ only in fp32 summation order
-    # (one 4-row reduction vs two 2-row ones), which AdamW's normalised update amplifies with the lr.
-    finetune(a, "--max_steps", "3", "--batch_size", "4", "lr_schedule.warmup_steps=10")
-    finetune(b, "--max_steps", "3", "--batch_size", "2", "--gradient_accumulation_steps", "2",
-             "lr_schedule.warmup_steps=10")
+    # The config's own warmup (lr 1e-4, 2e-4, 3e-4; total_steps pinned, else --max_steps 3 would squeeze the
+    # 10-step warmup into 3 steps): the runs differ only in fp32 summation order (one 4-row reduction vs two
+    # 2-row ones), which AdamW's normalised update amplifies with the lr.
+    pin = ("lr_schedule.warmup_steps=10", "lr_schedule.total_steps=300")
+    finetune(a, "--max_steps", "3", "--batch_size", "4", *pin)
+    finetune(b, "--max_steps", "3", "--batch_size", "2", "--gradient_accumulation_steps", "2", *pin)
     assert losses(a) == pytest.approx(losses(b), abs=1e-5)
     assert max_diff(final_weights(a), final_weights(b)) <= 1e-6
 
