@@ -6,7 +6,8 @@ MODE, at the N-th checkpoint write (1-based), after half of MindSpore's own `<na
 - `kill`:   SIGKILL this process (a kill -9 or an OOM kill during the write);
 - `hang`:   print "HANGING <pid>" and sleep (a long write another run can collide with);
 - `enospc`: raise OSError(ENOSPC) as a full disk does.
-Only the test harness uses this; the product has no fault hooks.
+Only the test harness uses this (and `sigkill_when_written`, a kill -9 at a chosen moment); the product
+has no fault hooks.
 """
 
 from __future__ import annotations
@@ -15,11 +16,22 @@ import errno
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def sigkill_when_written(cmd: list[str], target: Path, timeout: float) -> None:
+    """Start `cmd` in the repo and kill -9 it as soon as `target` exists (or it exits, or `timeout` passes)."""
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not target.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def main() -> None:

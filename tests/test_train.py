@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from cli_utils import FAST, REPO, TINY2, TINY2_LORA, max_diff, read_ckpt, run_glm
+from fault_inject import sigkill_when_written
 
 pytestmark = pytest.mark.slow
 
@@ -128,12 +127,7 @@ def test_sigkill_between_checkpoints_resumes_from_last_complete(base_run, tmp_pa
     cmd = [sys.executable, str(REPO / "run_glm.py"), "--config", TINY2, "--run_mode", "finetune",
            "--load_checkpoint", "random", "--output_dir", str(out), *FAST, "--max_steps", "8",
            "callbacks.CheckpointMonitor.save_checkpoint_steps=2", "callbacks.CheckpointMonitor.keep_checkpoint_max=3"]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    sigkill_when_written(cmd, target, timeout=240)
     assert target.exists()
     done = ckpts(out)
     assert "glm2-tiny_rank_0-1_8.ckpt" not in done

@@ -8,15 +8,12 @@ Every run drives `run_glm.py` in a subprocess, as a user would; the expensive ru
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from cli_utils import REPO, TINY2, max_diff, read_ckpt
 from cli_utils import run_glm as _run_glm
+from fault_inject import sigkill_when_written
 
 pytestmark = pytest.mark.slow
 
@@ -209,12 +206,7 @@ def test_kill_9_and_resume_gives_the_same_best_checkpoint_and_stop_step(early_st
     out = tmp_path / "killed"
     target = train_ckpt(out, "glm2-tiny", kill_at)
     cmd = [sys.executable, str(REPO / "run_glm.py"), "--config", TINY2, "--output_dir", str(out), *ES_ARGS]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 1200
-    while not target.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    sigkill_when_written(cmd, target, timeout=1200)
     assert target.exists() and not (out / "train_summary.json").exists()
     proc = run_glm("--config", TINY2, "--output_dir", str(out), *ES_ARGS, "--resume_training")
     assert f"at step {kill_at}" in proc.stdout and f"early stopping at step {stop}" in proc.stdout
