@@ -184,8 +184,11 @@ class TrainEvaluator:
         if self.proc.is_main:
             if metrics_log is not None:   # glm.runlog.RunLog: metrics.jsonl (+ TensorBoard), stamped with the run id
                 rec = metrics_log.metrics(rec, prefix="eval")
-            with open(self.out / EVAL_LOG, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            # The whole (small) log rewritten through glm.io: a kill or a full disk never leaves a half line
+            # that the resume (load_state_dict) would have to parse.
+            log = self.out / EVAL_LOG
+            before = log.read_text(encoding="utf-8") if log.is_file() else ""
+            write_text_atomic(log, before + json.dumps(rec, ensure_ascii=False) + "\n")
             tqdm.write(self._line(rec))   # above the progress bar; the log file gets it too
         return rec
 
