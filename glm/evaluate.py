@@ -13,6 +13,7 @@ from the eval block's `data_loader.version` (a warning names both); `prompt_form
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,7 @@ from glm import GLMError
 from glm.build import build_model, check_vocab, generation_config, init_process, load_checkpoints
 from glm.dataset import build_dataset
 from glm.generate import Generator
-from glm.io import ensure_dir, write_json_atomic
+from glm.io import ensure_dir, os_error, write_json_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric, PerplexityMetric
 from glm.prompt_format import FORMAT_VERSIONS, data_format, recorded_format, resolve_prompt_format
 from glm.runtime import ms
@@ -135,12 +136,12 @@ def token_loss(model, ids: np.ndarray, labels: np.ndarray, batch: int) -> tuple[
     return total, count
 
 
-def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bool = True) -> dict:
+def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, main: bool = True) -> dict:
     model, lora = build_model(cfg, use_past=True, batch_size=batch)
     section = _load(cfg, model, lora, section)
     data = build_dataset(section, batch_size=batch, where="eval_dataset")
     check_vocab(data.tokenizer, model.config, "eval_dataset.tokenizer")
-    if write_stats:
+    if main:
         write_json_atomic(data.stats, out / STATS_FILE)
     gen_cfg = generation_config(cfg, data.tokenizer)
     generator = Generator(model, use_cache=True)
@@ -148,7 +149,12 @@ def _adgen(cfg: RunConfig, section: dict, batch: int, out: Path, write_stats: bo
     metric = ADGENMetric()
     pred_path = out / "predictions.jsonl"
     t0 = time.perf_counter()
-    with open(pred_path, "w", encoding="utf-8") as f:
+    # Streamed (flushed per batch, to be watched); one writer: every rank generates the same samples.
+    try:
+        pred_file = open(pred_path, "w", encoding="utf-8") if main else contextlib.nullcontext()
+    except OSError as e:
+        raise os_error(e, pred_path) from None
+    with pred_file as f:
         new_tokens = generate_and_score(generator, data, list(range(n)), gen_cfg, batch, metric, f)
     seconds = time.perf_counter() - t0
     result = metric.result()
