@@ -81,7 +81,7 @@ def _load(cfg: RunConfig, model, lora, section: dict) -> dict:
     """Load the checkpoint; return the eval block in the prompt format it was fine-tuned with."""
     metas: list[dict] = []
     load_checkpoints(model, cfg.load_checkpoint, lora, required=True, run_mode="eval", metas=metas)
-    version = (section.get("data_loader") or {}).get("version", 2)
+    version = section["data_loader"]["version"]
     fmt = resolve_prompt_format(cfg.prompt_format, recorded_format(metas), data_format(section),
                                 f"eval_dataset.data_loader.version {version}")
     print(f"prompt format: {fmt}", flush=True)

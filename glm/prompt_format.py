@@ -46,7 +46,7 @@ def data_format(dataset_section: dict) -> str:
     loader = dataset_section.get("data_loader") or {}
     if loader.get("format") == "conversations":
         return "glm3_chat"
-    version = loader.get("version", 2)
+    version = loader["version"]   # the typed section (glm/sections.py) holds the one default
     fmt = VERSION_FORMATS.get(version)
     if fmt is None:
         raise GLMError(f"data_loader.version: expected one of {sorted(VERSION_FORMATS)}, got {version!r}")
