@@ -173,8 +173,11 @@ class RunLog:
         self.run_id, self.config_hash = run_id or new_run_id(), config_hash(run.raw)
         self.out = out
         self.metrics_path = out / metrics_name
-        out.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")   # noqa: SIM115 (closed in close)
+        ensure_dir(out)
+        try:   # appended line by line (read_jsonl skips a half-written last line)
+            self._metrics = open(self.metrics_path, "a", encoding="utf-8")   # noqa: SIM115 (closed in close)
+        except OSError as e:
+            raise os_error(e, self.metrics_path) from None
         self._tb = None
         tb = run.tensorboard
         if main and tb.tensorboard_dir:
