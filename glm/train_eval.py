@@ -216,15 +216,15 @@ class TrainEvaluator:
                 "eval_tokens": int(tokens)}
 
     def _adgen(self) -> dict:
-        if self.gen_model is None:
-            self.gen_model, _ = build_model(self.config, use_past=True, batch_size=self.batch)
-            self.generator = None
-        self._copy_weights()
-        if self.generator is None:
+        if self.gen_model is None:   # built once; then only the weights training changes are copied
             from glm.generate import Generator
 
+            self.gen_model, _ = build_model(self.config, use_past=True, batch_size=self.batch)
+            self._copy_weights(self.model.get_parameters())
             self.generator = Generator(self.gen_model, use_cache=True)
             self.gen_cfg = generation_config(self.config, self.gen_data.tokenizer)
+        else:
+            self._copy_weights(self.model.trainable_params())
         metric = ADGENMetric()
         mine = self.gen_indices[self.proc.rank::self.proc.world]
         generate_and_score(self.generator, self.gen_data, mine, self.gen_cfg, self.batch, metric, progress=False)
@@ -239,15 +239,12 @@ class TrainEvaluator:
         return {**{f"eval_{k}": v for k, v in means.items()}, "eval_samples": n,
                 "eval_empty_predictions": int(round(sums[-1]))}
 
-    def _copy_weights(self) -> None:
-        """The generation model gets the training weights (all of them once, then the trainable ones)."""
-        first = not getattr(self, "_copied", False)
-        source = self.model.get_parameters() if first else self.model.trainable_params()
+    def _copy_weights(self, source) -> None:
+        """The generation model gets the training model's values of the parameters `source`."""
         target = {p.name: p for p in self.gen_model.get_parameters()}
         for p in source:
             if p.name in target:
                 target[p.name].set_data(ms.Tensor(p.asnumpy()))
-        self._copied = True
 
     def _all_sum(self, values: list[float]) -> list[float]:
         if self.proc.world == 1:
