@@ -56,7 +56,6 @@ LR_REFUSED = {"cosine_with_restarts": "is not implemented", "CosineWithRestartsA
 OPTIMIZERS = {"AdamWeightDecay": False, "FP32StateAdamWeightDecay": False, "FusedAdamWeightDecay": False,
               "adamw": False, "fp32_adamw": False, "fused_adamw": False, "AdamW": True}
 PET_TYPES = ("lora", PTUNING)
-IMPLEMENTED_PET_TYPES = {"lora", PTUNING}   # P-Tuning v2: glm/model/ptuning.py
 ARCH_TYPES = ("ChatGLM2ForConditionalGeneration", "ChatGLM3ForConditionalGeneration", "ChatGLM2WithLora",
               "ChatGLM2WithPtuning2")
 
@@ -286,17 +285,7 @@ def _pet_keys(pet: dict, given: dict, where: str) -> dict:
 
 def model_schema() -> dict:
     """model.model_config's schema, from GLMConfig's fields (pet_config: PetConfig's)."""
-    out = {}
-    for f in dataclasses.fields(GLMConfig):
-        if f.name == "extra":
-            continue
-        if f.name == "pet_config":
-            out[f.name] = (schema_of(PetConfig), None)
-            continue
-        meta = f.metadata
-        kind = meta["kind"] if meta.get("kind") is not None else _kind_of(f.default, f.name)
-        out[f.name] = (kind, f.default) if meta.get("min") is None else (kind, f.default, meta["min"])
-    return out
+    return {**schema_of(GLMConfig), "pet_config": (schema_of(PetConfig), None)}
 
 
 def _model_config(value: Any, where: str) -> dict:
