@@ -41,7 +41,19 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     TensorboardConfig,
     TokenizerConfig,
 )
-from glm.validate import INERT, NONE, NOTICE, REFUSED, hint, key, report, section, typed, validate_section
+from glm.validate import (
+    INERT,
+    NONE,
+    NOTICE,
+    REFUSED,
+    field_default,
+    hint,
+    key,
+    report,
+    section,
+    typed,
+    validate_section,
+)
 
 RUN_MODES = ("train", "finetune", "eval", "predict", "export", "chat", "serve")  # chat, serve: ours
 # MindFormers' schedule names (build_lr.py aliases and class names) -> the schedule computed (glm/optim.py).
@@ -236,7 +248,7 @@ def schema_of(cls: type) -> dict:
             sub = meta["section"]
             out[f.name] = (_model_config if sub is GLMConfig else schema_of(sub), None if meta["optional"] else {})
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         kind = meta["kind"] if meta["kind"] is not None else _kind_of(default, f.name)
         out[f.name] = (kind, default) if meta["min"] is None else (kind, default, meta["min"])
     return out
@@ -434,10 +446,6 @@ class RunConfig:
     @property
     def eval_data(self) -> DatasetConfig:
         return self.dataset("eval_dataset")
-
-    @property
-    def bias_correction(self) -> bool:
-        return OPTIMIZERS[self.optimizer.type]
 
 
 def from_dict(cls: type, d: dict | None) -> Any:
