@@ -276,6 +276,15 @@ def test_missing_strategy_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "--src_ckpt_strategy" in capsys.readouterr().err
 
 
+def test_check_values_with_a_strategy_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Sharded ranks are not copies: --check_values would be ignored there, so it is an error.
+    (tmp_path / "s.ckpt").write_bytes(b"")
+    assert transform_ckpt.main(["--src_ckpt_strategy", str(tmp_path / "s.ckpt"), "--src_ckpt_dir", str(tmp_path),
+                                "--dst_ckpt_dir", str(tmp_path / "o"), "--check_values"]) == 2
+    assert "--check_values compares data-parallel copies" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # transform_ckpt with strategy files: MindSpore's functions mocked (sharded checkpoints need Ascend/GPU)
 # ----------------------------------------------------------------------------------------------
