@@ -31,14 +31,15 @@ import numpy as np
 from glm.build import build_model, model_config
 from glm.config import load_config
 from glm.optim import build_optimizer
+from glm.settings import resolve
 from glm.runtime import ms, setup_context
 from glm.train_step import TrainStep
 setup_context("CPU", 0)
 ms.set_seed(0)
-cfg = load_config(sys.argv[1])
+cfg = resolve(load_config(sys.argv[1]))
 model, _ = build_model(cfg)
 model.set_train(True)
-opt = build_optimizer(cfg["optimizer"], model.trainable_params())
+opt = build_optimizer(cfg.optimizer, model.trainable_params())
 step = TrainStep(model, opt, 1.0, None, 1)
 rs = np.random.RandomState(0)
 B, S, V = 4, model.config.seq_length, 1000

@@ -37,7 +37,7 @@ from glm.settings import (
 from glm.validate import collect_errors, hint, report, validate_section
 
 __all__ = ["CHECKPOINT_CALLBACKS", "LR_TYPES", "RUN_MODES", "SCHEMA", "load_config", "validate_config",
-           "apply_overrides", "save_resolved", "dataset_section", "callback", "resolve"]
+           "apply_overrides", "save_resolved", "resolve"]
 
 SCHEMA: dict = schema_of(RunConfig)
 CALLBACKS = {name: schema_of(cls) for name, cls in CALLBACK_TYPES.items()}
@@ -184,18 +184,3 @@ def save_resolved(cfg: dict, output_dir: str | Path) -> Path:
 
     text = yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return write_text_atomic(Path(output_dir) / "config.resolved.yaml", text)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def dataset_section(cfg: dict, name: str = "train_dataset") -> dict:
-    """The dataset block `name` (train_dataset / eval_dataset), or `<name>_task.dataset_config`."""
-    section = cfg.get(name) or (cfg.get(f"{name}_task") or {}).get("dataset_config")
-    if not section:
-        raise GLMError(f"{name}: no dataset configured (add a {name}: block with data_loader.dataset_dir)")
-    return section
-
-
-def callback(cfg: dict, name: str, key: str = "callbacks") -> dict | None:
-    """The first callback of type `name` in cfg[key]; CheckpointMonitor matches either spelling."""
-    names = CHECKPOINT_CALLBACKS if name in CHECKPOINT_CALLBACKS else (name,)
-    return next((c for c in cfg.get(key) or [] if c.get("type") in names), None)

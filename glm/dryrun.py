@@ -47,8 +47,6 @@ def _show_ids(ids: np.ndarray, limit: int = 24) -> str:
     return f"[{head}{', ...' if len(ids) > limit else ''}] ({len(ids)} tokens)"
 
 
-
-
 def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
     """Check what `run_mode` would check, in the same order and with the same messages, without running it."""
     run = as_run(cfg)
@@ -72,9 +70,9 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
     name = DATA_OF_MODE.get(run_mode)
     if name is None:
         if run_mode in ("predict", "chat", "serve"):
-            tok = build_tokenizer(run)
-            check_vocab(tok, model.config, tokenizer_section(run)[1])
-            print(f"tokenizer: {tokenizer_section(run)[1]} ({tok.vocab_size} ids)")
+            tok, where = build_tokenizer(run), tokenizer_section(run)[1]
+            check_vocab(tok, model.config, where)
+            print(f"tokenizer: {where} ({tok.vocab_size} ids)")
         print(f"\n{run_mode} reads no dataset; dry run OK")
         return
     _show_sample(run, name, model.config)

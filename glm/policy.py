@@ -17,8 +17,8 @@ from glm.model.config import GLMConfig
 from glm.settings import (
     CALLBACK_NOTICES,
     CALLBACK_TYPES,
-    IMPLEMENTED_PET_TYPES,
     LR_TYPES,
+    PTUNING,
     PetConfig,
     RunConfig,
 )
@@ -116,17 +116,10 @@ def _pet_checks(run: RunConfig) -> None:
     pet = mc.pet_config
     arch = run.model.arch.type
     where = "model.model_config.pet_config"
-    if pet:
-        kind = pet["pet_type"]
-        if kind not in IMPLEMENTED_PET_TYPES:
-            report(f"{where}.pet_type: {kind!r} (P-Tuning v2) is not implemented yet; use pet_type: lora", rank=0)
-        if kind == "lora" and pet["lora_dropout"] >= 1:
-            report(f"{where}.lora_dropout: expected a probability in [0, 1), got {pet['lora_dropout']!r}", rank=2)
-    if arch == "ChatGLM2WithPtuning2" and not (pet and pet["pet_type"] == "ptuning2"
-                                               and "ptuning2" in IMPLEMENTED_PET_TYPES):
-        report("model.arch.type: 'ChatGLM2WithPtuning2' (P-Tuning v2) is not implemented yet"
-               if "ptuning2" not in IMPLEMENTED_PET_TYPES else
-               "model.arch.type: 'ChatGLM2WithPtuning2' needs model.model_config.pet_config.pet_type: ptuning2",
+    if pet and pet["pet_type"] == "lora" and pet["lora_dropout"] >= 1:
+        report(f"{where}.lora_dropout: expected a probability in [0, 1), got {pet['lora_dropout']!r}", rank=2)
+    if arch == "ChatGLM2WithPtuning2" and not (pet and pet["pet_type"] == PTUNING):
+        report(f"model.arch.type: 'ChatGLM2WithPtuning2' needs model.model_config.pet_config.pet_type: {PTUNING}",
                rank=0)
     if arch == "ChatGLM2WithLora" and not (pet and pet["pet_type"] == "lora"):
         report("model.arch.type: 'ChatGLM2WithLora' needs model.model_config.pet_config with pet_type: lora", rank=3)
@@ -145,9 +138,6 @@ def _training_checks(run: RunConfig) -> None:
         value = getattr(run.optimizer, name)
         if not value < 1:
             report(f"optimizer.{name}: expected a value in [0, 1), got {value!r}", rank=2)
-    mc = run.model.model_config
-    if mc.max_decode_length == 0:   # min=1 already refuses it; kept explicit for the message
-        report("model.model_config.max_decode_length: 0 leaves no room for an answer", rank=2)
 
 
 def _parallel_checks(run: RunConfig) -> None:

@@ -41,7 +41,19 @@ from glm.sections import (  # noqa: F401 (re-exported: glm.settings is where run
     TensorboardConfig,
     TokenizerConfig,
 )
-from glm.validate import INERT, NONE, NOTICE, REFUSED, hint, key, report, section, typed, validate_section
+from glm.validate import (
+    INERT,
+    NONE,
+    NOTICE,
+    REFUSED,
+    field_default,
+    hint,
+    key,
+    report,
+    section,
+    typed,
+    validate_section,
+)
 
 RUN_MODES = ("train", "finetune", "eval", "predict", "export", "chat", "serve")  # chat, serve: ours
 # MindFormers' schedule names (build_lr.py aliases and class names) -> the schedule computed (glm/optim.py).
@@ -56,7 +68,6 @@ LR_REFUSED = {"cosine_with_restarts": "is not implemented", "CosineWithRestartsA
 OPTIMIZERS = {"AdamWeightDecay": False, "FP32StateAdamWeightDecay": False, "FusedAdamWeightDecay": False,
               "adamw": False, "fp32_adamw": False, "fused_adamw": False, "AdamW": True}
 PET_TYPES = ("lora", PTUNING)
-IMPLEMENTED_PET_TYPES = {"lora", PTUNING}   # P-Tuning v2: glm/model/ptuning.py
 ARCH_TYPES = ("ChatGLM2ForConditionalGeneration", "ChatGLM3ForConditionalGeneration", "ChatGLM2WithLora",
               "ChatGLM2WithPtuning2")
 
@@ -237,7 +248,7 @@ def schema_of(cls: type) -> dict:
             sub = meta["section"]
             out[f.name] = (_model_config if sub is GLMConfig else schema_of(sub), None if meta["optional"] else {})
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         kind = meta["kind"] if meta["kind"] is not None else _kind_of(default, f.name)
         out[f.name] = (kind, default) if meta["min"] is None else (kind, default, meta["min"])
     return out
@@ -286,17 +297,7 @@ def _pet_keys(pet: dict, given: dict, where: str) -> dict:
 
 def model_schema() -> dict:
     """model.model_config's schema, from GLMConfig's fields (pet_config: PetConfig's)."""
-    out = {}
-    for f in dataclasses.fields(GLMConfig):
-        if f.name == "extra":
-            continue
-        if f.name == "pet_config":
-            out[f.name] = (schema_of(PetConfig), None)
-            continue
-        meta = f.metadata
-        kind = meta["kind"] if meta.get("kind") is not None else _kind_of(f.default, f.name)
-        out[f.name] = (kind, f.default) if meta.get("min") is None else (kind, f.default, meta["min"])
-    return out
+    return {**schema_of(GLMConfig), "pet_config": (schema_of(PetConfig), None)}
 
 
 def _model_config(value: Any, where: str) -> dict:
@@ -445,10 +446,6 @@ class RunConfig:
     @property
     def eval_data(self) -> DatasetConfig:
         return self.dataset("eval_dataset")
-
-    @property
-    def bias_correction(self) -> bool:
-        return OPTIMIZERS[self.optimizer.type]
 
 
 def from_dict(cls: type, d: dict | None) -> Any:

@@ -36,7 +36,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 # matters together with another key that is itself reported.
 HONOURED, NOTICE, REFUSED, INERT = "honoured", "notice", "refused", "inert"
 _SAME = object()
-FUNDAMENTAL = ("type", "pet_type")   # keys whose bad value is reported before all others   # `off` defaults to the field's default
+FUNDAMENTAL = ("type", "pet_type")   # keys whose bad value is reported before all others
 
 
 def key(default: Any = None, doc: str = "", *, kind: Any = None, min: Any = None, status: str = HONOURED,

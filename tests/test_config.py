@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from glm import GLMError
-from glm.config import apply_overrides, callback, dataset_section, load_config, save_resolved, validate_config
+from glm.config import CHECKPOINT_CALLBACKS, apply_overrides, load_config, save_resolved, validate_config
 from glm.policy import notice_line
 from glm.settings import resolve
 
@@ -35,6 +35,12 @@ def error(path, overrides=()) -> str:
 
 
 # ------------------------------------------------------------------------------- shipped configs
+def callback(cfg: dict, name: str) -> dict | None:
+    """The first callback of type `name` in a loaded config; CheckpointMonitor matches either spelling."""
+    names = CHECKPOINT_CALLBACKS if name in CHECKPOINT_CALLBACKS else (name,)
+    return next((c for c in cfg["callbacks"] if c["type"] in names), None)
+
+
 def test_all_configs_are_shipped():
     names = {p.relative_to(REPO / "configs").as_posix() for p in SHIPPED}
     assert {"glm2/run_glm2_6b.yaml", "glm2/run_glm2_6b_finetune.yaml", "glm2/run_glm2_6b_lora.yaml",
@@ -46,9 +52,9 @@ def test_all_configs_are_shipped():
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     mc = cfg["model"]["model_config"]
-    train = dataset_section(cfg, "train_dataset")
+    train = cfg["train_dataset"]
     assert mc["seq_length"] >= train["max_source_length"] + train["max_target_length"] + 1
-    assert dataset_section(cfg, "eval_dataset")["data_loader"]["phase"] in ("train", "eval")
+    assert cfg["eval_dataset"]["data_loader"]["phase"] in ("train", "eval")
     ckpt = callback(cfg, "CheckpointMonitor")
     assert ckpt is not None and ckpt["keep_checkpoint_max"] >= 1
     assert isinstance(cfg["lr_schedule"]["learning_rate"], float)
@@ -76,7 +82,7 @@ def test_tiny_configs(path):
         ("AdamWeightDecay", 0.95, decay)
     ckpt = callback(cfg, "CheckpointMointor")
     assert (ckpt["save_checkpoint_steps"], ckpt["keep_checkpoint_max"]) == (50, 2)
-    train, ev = dataset_section(cfg), dataset_section(cfg, "eval_dataset")
+    train, ev = cfg["train_dataset"], cfg["eval_dataset"]
     version = 3 if "glm3" in path.name else 2
     assert (train["data_loader"]["version"], ev["data_loader"]["version"]) == (version, version)
     assert (ev["data_loader"]["phase"], ev["max_source_length"], ev["max_target_length"]) == ("eval", 48, 80)
@@ -140,8 +146,8 @@ def test_model_card_yaml_blocks_load(card, block, tmp_path):
             assert "/path/to" in str(e), str(e)
             continue
         if "train_dataset" in block:
-            assert dataset_section(cfg)["data_loader"]["dataset_dir"] == "/path/to/AdvertiseGen/train.json"
-            assert dataset_section(cfg, "eval_dataset")["data_loader"]["phase"] == "eval"
+            assert cfg["train_dataset"]["data_loader"]["dataset_dir"] == "/path/to/AdvertiseGen/train.json"
+            assert cfg["eval_dataset"]["data_loader"]["phase"] == "eval"
 
 
 # ------------------------------------------------------------------------------ errors: keys/types
@@ -194,7 +200,7 @@ def test_none_strings_and_defaults(tmp_path):
     assert cfg["train_dataset"] is None and cfg["callbacks"] == [] and cfg["infer"] is None
     assert callback(cfg, "CheckpointMonitor") is None
     with pytest.raises(GLMError, match="eval_dataset: no dataset configured"):
-        dataset_section(cfg, "eval_dataset")
+        resolve(cfg).dataset("eval_dataset")
 
 
 def test_reference_schedule_names_and_optimizer_lr(tmp_path):
@@ -238,8 +244,8 @@ def test_anchors_aliases_and_task_only_datasets(tmp_path):
             "    max_target_length: 8\neval_dataset_task:\n  dataset_config: *ds\n")
     path = write(tmp_path, text)
     cfg = load_config(path, ["train_dataset.data_loader.dataset_dir=b.json"])
-    assert dataset_section(cfg)["data_loader"]["dataset_dir"] == "b.json"
-    assert dataset_section(cfg, "eval_dataset")["max_source_length"] == 8
+    assert cfg["train_dataset"]["data_loader"]["dataset_dir"] == "b.json"
+    assert cfg["eval_dataset"]["max_source_length"] == 8
     assert cfg["train_dataset_task"]["dataset_config"]["data_loader"]["dataset_dir"] == "b.json"  # aliased
 
 
@@ -264,7 +270,7 @@ def test_overrides_of_nested_keys():
     assert callback(cfg, "CheckpointMonitor")["save_checkpoint_steps"] == 7
     assert cfg["callbacks"][0]["per_print_times"] == 5
     assert cfg["runner_wrapper"]["scale_sense"]["loss_scale_value"] == 1024.0
-    assert dataset_section(cfg, "eval_dataset")["data_loader"]["dataset_dir"] == "/data/dev.json"
+    assert cfg["eval_dataset"]["data_loader"]["dataset_dir"] == "/data/dev.json"
     added = load_config(TINY, ["callbacks.SummaryMonitor.collect_freq=3"])
     assert callback(added, "SummaryMonitor")["collect_freq"] == 3
 
