@@ -176,18 +176,25 @@ def conversation_ids(tok: Any, messages: Sequence[Message]) -> tuple[list[int], 
 def pack_conversation(tok: Any, parts: Sequence[list[int]],
                       messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
     """Join encoded messages into [gMASK] sop ... eos with the per-position target flags."""
-    ids, target = list(tok.prefix), [False] * len(tok.prefix)
-    follows = False  # whether the token that starts here follows a learned assistant message
-    for m, part in zip(messages, parts):
-        learn = m.role == "assistant" and m.loss
+    ids = list(tok.prefix)
+    for part in parts:
         ids += part
-        # The role token is only a target as the token following a learned turn; after it, a learned
-        # assistant turn's tokens all are.
-        target += [follows] + [learn] * (len(part) - 1)
-        follows = learn
     ids.append(tok.eos_id)
-    target.append(follows)
+    target = [False] * len(ids)
+    for start, length in target_spans(messages, [len(p) for p in parts], len(tok.prefix)):
+        target[start + 1:start + length + 1] = [True] * length
     return ids, target
+
+
+def target_spans(messages: Sequence[Message], lengths: Sequence[int], offset: int) -> list[tuple[int, int]]:
+    """(start, length) of every learned assistant message laid out from position `offset`: its targets are
+    positions start + 1 .. start + length (the tokens after its role token, then the one that follows it)."""
+    spans, pos = [], offset
+    for m, n in zip(messages, lengths):
+        if m.role == "assistant" and m.loss:
+            spans.append((pos, n))
+        pos += n
+    return spans
 
 
 def parse_reply(text: str) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from glm.chat_format import (
     last_assistant,
     normalize_messages,
     reply_text,
+    target_spans,
 )
 from glm.data import IGNORE_INDEX, SKIP_REASONS, Record, parse_line, percentiles, read_lines, warn_skipped
 
@@ -138,12 +139,10 @@ def preprocess_conversations_train(tok, records: Sequence[Record], max_source_le
         if n_prefix + sum(lens) + 1 > seq_len:
             keep, dropped = _drop_earliest(lens, msgs, k, seq_len - sum(lens[k + 1:]), n_prefix + 1)
             keep += list(range(k + 1, len(msgs)))
-        ids, spans, start_k = list(tok.prefix), [], 0
+        ids, start_k = list(tok.prefix), 0
         for i in keep:
             if i == k:
                 start_k = len(ids)
-            if msgs[i].role == "assistant" and msgs[i].loss:
-                spans.append((len(ids), lens[i]))
             ids += parts[i]
         ids.append(eos)
         # A cut keeps seq_len - 1 tokens then eos: it must leave the last reply's first token.
@@ -157,7 +156,8 @@ def preprocess_conversations_train(tok, records: Sequence[Record], max_source_le
         input_ids[n, :len(a)] = a
         lab = labels[n]
         lab[:len(a) - 1] = IGNORE_INDEX  # the sequence's own non-targets, whatever ignore_pad_token_for_loss says
-        for start, length in spans:  # pre-shifted: the tokens after the role token, then the one that follows
+        # Pre-shifted: labels[t] is input t+1's target.
+        for start, length in target_spans([msgs[i] for i in keep], [lens[i] for i in keep], n_prefix):
             end = min(start + length, len(a) - 1)
             lab[start:end] = a[start + 1:end + 1]
         dropped_turns += dropped

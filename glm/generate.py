@@ -156,7 +156,10 @@ class Generator:
             check_finite(logits, stop.active)   # NaN logits would otherwise decode as token 0
             chosen = np.zeros(self.rows, np.int64)
             for g, members in groups:
-                scores = process_logits(logits[members], [seqs[r] for r in members],
+                # One group (one config for all rows, the usual case): no per-step copy of the logits.
+                whole = len(members) == self.rows
+                scores = process_logits(logits if whole else logits[members],
+                                        seqs if whole else [seqs[r] for r in members],
                                         repetition_penalty=g.repetition_penalty, temperature=g.temperature,
                                         top_k=g.top_k, top_p=g.top_p, do_sample=g.do_sample)
                 if g.do_sample and per_row:   # each row its own draw: independent of its batch mates

@@ -175,9 +175,6 @@ class ChatGLM3Tokenizer(GLMTokenizer):
             raise GLMError(f"unknown chat role {role!r}: expected one of {list(GLM3_ROLES)}")
         return self.special_tokens[f"<|{role}|>"]
 
-    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
-        return [self.role_id(role)] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
-
     def build_chat_input(self, query: str, history: History | None = None, role: str = "user") -> list[int]:
         """[gMASK] sop, every history message, the new message, then <|assistant|> to prompt the reply.
 

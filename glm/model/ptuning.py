@@ -21,7 +21,7 @@ from __future__ import annotations
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from glm.model.config import DEFAULTS, PET_TYPE, PTuningSettings, ptuning_settings  # noqa: F401
+from glm.model.config import PET_TYPE, PTuningSettings  # noqa: F401  (PET_TYPE: glm/build.py imports it from here)
 from glm.model.layers import Linear
 from glm.runtime import ms
 
