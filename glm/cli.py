@@ -88,7 +88,7 @@ def _eval(cfg: dict, opts: dict) -> None:
 def _predict(cfg: dict, opts: dict) -> None:
     from glm.predict import run_predict
 
-    run_predict(cfg, list(opts.get("predict_data") or ()), raw=bool(opts.get("raw_prompt")))
+    run_predict(cfg, list(opts.get("predict_data") or ()))
 
 
 def _chat(cfg: dict, opts: dict) -> None:

@@ -46,6 +46,13 @@ def convert_command(input_path: str, output_path: str, to_hf: bool, dtype: str |
     """
     from glm.convert import convert
 
+    if not to_hf:   # these shape the HF output only: given for HF -> MindSpore they would be ignored
+        ctx = click.get_current_context()
+        given = [f"--{n}" for n in ("layout", "max_shard_size", "config", "base")
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise GLMError(f"{', '.join(given)}: only with --reversed (MindSpore -> HF); "
+                           "HF -> MindSpore reads the names and config from the input")
     s = convert(input_path, output_path, to_hf=to_hf, dtype=dtype, layout=layout, max_shard_size=max_shard_size,
                 config=config, base=base)
     click.echo(f"converted {s['tensors']} tensors ({s['params']:,} parameters, {s['bytes'] / 1e6:,.1f} MB, "

@@ -123,6 +123,8 @@ def convert(input_path: str, output_path: str, to_hf: bool = False, dtype: str |
         state, meta = _read_reversed_input(src)
         if meta.get("kind") == "adapter":
             state = _merge_adapter(state, meta, base, src)
+        elif base:
+            raise GLMError(f"--base: {src} is not a LoRA adapter (only an adapter is merged into a base)")
         if config:
             from glm.config import load_config
 

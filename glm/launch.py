@@ -89,6 +89,20 @@ def _uint(value: str | int | None, message: str, minimum: int = 0) -> int:
     return int(text)
 
 
+def config_file(config: str) -> Path:
+    """The config path, absolute; it must be a file."""
+    path = Path(os.path.abspath(os.path.expanduser(config)))
+    if not path.is_file():
+        raise LaunchUsageError(f"config file {path} not found")
+    return path
+
+
+def check_run_mode(run_mode: str, allowed: tuple[str, ...], name: str) -> None:
+    if run_mode not in allowed:
+        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+        raise LaunchUsageError(f"{name} must be {listed}, got '{run_mode}'")
+
+
 def resolve_output_dir(config: Path, overrides: tuple[str, ...]) -> Path:
     """The config's output_dir after the overrides (default ./output), absolute against the current directory."""
     from glm.config import load_config
@@ -109,14 +123,11 @@ def plan_launch(config: str, devices: str, run_mode: str, *, rank_table: str | N
                 master_port: int | str | None = None, predict_data: str | None = None,
                 overrides: tuple[str, ...] = (), names: dict = SCRIPT_NAMES) -> LaunchPlan:
     """Check the arguments against each other and work out every process's environment and log."""
-    cfg_path = Path(os.path.abspath(os.path.expanduser(config)))
     start, end = parse_device_range(devices, names)
-    if run_mode not in DIST_RUN_MODES:
-        raise LaunchUsageError(f"{names['run_mode']} must be train, finetune, eval or predict, got '{run_mode}'")
+    check_run_mode(run_mode, DIST_RUN_MODES, names["run_mode"])
     if predict_data is not None and run_mode != "predict":
         raise LaunchUsageError(f"{names['predict_data']} is only accepted with {names['run_mode']} predict")
-    if not cfg_path.is_file():
-        raise LaunchUsageError(f"config file {cfg_path} not found")
+    cfg_path = config_file(config)
     table = Path(os.path.abspath(rank_table)) if rank_table else None
     if table is not None and not table.is_file():
         raise LaunchUsageError(f"rank table {table} not found")

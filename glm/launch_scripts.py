@@ -13,12 +13,21 @@ import os
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import click
 
+from glm import GLMError
 from glm.cli import Command
-from glm.launch import LaunchUsageError, default_entry, launch, plan_launch, resolve_output_dir
+from glm.launch import (
+    DIST_RUN_MODES,
+    LaunchUsageError,
+    check_run_mode,
+    config_file,
+    default_entry,
+    launch,
+    plan_launch,
+    resolve_output_dir,
+)
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.\-]*=")
 _MSRUN_OPTS = ("--master_addr", "--master_port", "--nodes", "--node_rank")
@@ -125,13 +134,10 @@ def run_standalone(argv: list[str]) -> int:
     if len(args) != 3:
         raise LaunchUsageError(f"expected 3 arguments, got {len(args)}")
     config, device_id, run_mode = args
-    cfg_path = Path(os.path.abspath(os.path.expanduser(config)))
-    if not cfg_path.is_file():
-        raise LaunchUsageError(f"config file {cfg_path} not found")
+    cfg_path = config_file(config)
     if not device_id.isdigit():
         raise LaunchUsageError(f"DEVICE_ID must be a non-negative integer, got '{device_id}'")
-    if run_mode not in ("train", "finetune", "eval", "predict", "export"):
-        raise LaunchUsageError(f"RUN_STATUS must be train, finetune, eval, predict or export, got '{run_mode}'")
+    check_run_mode(run_mode, (*DIST_RUN_MODES, "export"), "RUN_STATUS")
     out = resolve_output_dir(cfg_path, overrides)
     cmd = [*default_entry(), run_mode, "--config", str(cfg_path), "--use_parallel", "False",
            "--device_id", device_id, "--output_dir", str(out), *overrides]
@@ -160,10 +166,8 @@ def scripts_command(script: str, args: tuple[str, ...]) -> int:
         return 0
     try:
         return run(list(args))
-    except LaunchUsageError as e:   # the script's usage after the one error line, as shell scripts do
-        click.echo(f"error: {e}", err=True)
-        click.echo(usage, err=True, nl=False)
-        return 2
+    except LaunchUsageError as e:   # the script's usage after the error line, as shell scripts do; printed
+        raise GLMError(f"{e}\n{usage.rstrip()}") from None   # by glm's one error path (exit 2)
 
 
 def main(argv: list[str] | None = None) -> None:

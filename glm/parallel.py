@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glm import GLMError
+
+if TYPE_CHECKING:
+    from glm.sections import ParallelConfig, ParallelSection
+    from glm.settings import RunConfig
 
 _SEMI_AUTO_MODES = {"semi_auto_parallel", "auto_parallel"}
 _PARALLEL_MODES = {
@@ -31,37 +35,20 @@ SEMI_AUTO_FULL_BATCH_ERROR = (
 # communication init
 # ----------------------------------------------------------------------------------------------
 
-def _get(section: Any, name: str, default: Any = None) -> Any:
-    """A key of a typed section (glm/settings.py) or of a plain dict (tests, tools)."""
-    if section is None:
-        return default
-    if isinstance(section, dict):
-        return section.get(name, default)
-    return getattr(section, name, default)
-
-
-def _as_int(section: Any, key: str, default: int = 1) -> int:
-    value = _get(section, key, default)
-    try:
-        return int(value if value is not None else default)
-    except (TypeError, ValueError) as e:
-        raise GLMError(f"parallel_config.{key}: expected an integer, got {value!r}") from e
-
-
-def check_parallel_support(cfg_parallel: Any, parallel_config: Any, device_target: str) -> str:
+def check_parallel_support(cfg_parallel: ParallelSection, parallel_config: ParallelConfig,
+                           device_target: str) -> str:
     """Return the lower-case parallel_mode; refuse model/pipeline parallel on CPU (MindSpore cannot).
 
     The loader runs this too (glm/policy.py), so --dry_run refuses what the run would; each message names
-    the key that is actually wrong."""
-    raw_mode = _get(cfg_parallel, "parallel_mode", "data_parallel")
+    the key that is actually wrong. The sections come typed and checked from the loader (glm/settings.py)."""
+    raw_mode = cfg_parallel.parallel_mode
     mode = str(raw_mode).lower()
     if mode.isdigit():  # MindFormers configs use 0 data, 1 semi-auto, 2 auto, 3 hybrid
         mode = {"0": "data_parallel", "1": "semi_auto_parallel", "2": "auto_parallel"}.get(mode, mode)
     if mode not in _PARALLEL_MODES:
         raise GLMError(f"parallel.parallel_mode: expected one of {sorted(_PARALLEL_MODES)} (or 0, 1, 2), "
                        f"got {raw_mode!r}")
-    mp = _as_int(parallel_config, "model_parallel")
-    pp = _as_int(parallel_config, "pipeline_stage")
+    mp, pp = parallel_config.model_parallel, parallel_config.pipeline_stage
     if device_target.upper() == "CPU":
         wrong = []
         if mode in _SEMI_AUTO_MODES:
@@ -78,15 +65,14 @@ def check_parallel_support(cfg_parallel: Any, parallel_config: Any, device_targe
     return mode
 
 
-def _full_batch(cfg_parallel: Any) -> bool:
+def _full_batch(cfg_parallel: ParallelSection) -> bool:
     """Whether every rank loads the whole batch (dataset_strategy, when set, wins over full_batch)."""
-    strategy = _get(cfg_parallel, "dataset_strategy")
-    if strategy is not None:
-        return strategy == "full_batch"
-    return bool(_get(cfg_parallel, "full_batch", True))
+    if cfg_parallel.dataset_strategy is not None:
+        return cfg_parallel.dataset_strategy == "full_batch"
+    return cfg_parallel.full_batch
 
 
-def data_parallel_plan(cfg: Any, world: int, device_target: str) -> tuple[bool, bool]:
+def data_parallel_plan(cfg: RunConfig, world: int, device_target: str) -> tuple[bool, bool]:
     """(shard_data, own_reducer) for the trainer on `world` ranks.
 
     Data parallel (the only mode on CPU): each rank reads its shard of the data and the trainer
@@ -96,33 +82,32 @@ def data_parallel_plan(cfg: Any, world: int, device_target: str) -> tuple[bool, 
     """
     if world <= 1:
         return False, False
-    mode = check_parallel_support(_get(cfg, "parallel"), _get(cfg, "parallel_config"), device_target)
+    mode = check_parallel_support(cfg.parallel, cfg.parallel_config, device_target)
     if mode in _SEMI_AUTO_MODES:
         return False, False
     return True, True
 
 
-def semi_auto_context(cfg_parallel: Any, parallel_config: Any, rank: int) -> dict[str, Any]:
+def semi_auto_context(cfg_parallel: ParallelSection, parallel_config: ParallelConfig, rank: int) -> dict[str, Any]:
     """The ms.set_auto_parallel_context arguments (besides parallel_mode, device_num) for semi-auto.
 
     None values (unset in the config) are left to MindSpore's defaults. The strategy file is saved
     per rank (`ckpt_strategy.ckpt` -> `ckpt_strategy_rank_3.ckpt`, as the reference), so the ranks'
     files do not overwrite each other and `glm transform-ckpt` can merge their directory.
     """
-    kwargs: dict[str, Any] = {k: _get(cfg_parallel, k) for k in _CONTEXT_KEYS
-                              if _get(cfg_parallel, k) is not None}
+    kwargs: dict[str, Any] = {k: getattr(cfg_parallel, k) for k in _CONTEXT_KEYS
+                              if getattr(cfg_parallel, k) is not None}
     kwargs["full_batch"] = True   # check_parallel_support refuses anything else
-    stages = _as_int(parallel_config, "pipeline_stage")
-    declared = _get(cfg_parallel, "pipeline_stages")
-    if declared is not None and int(declared) != stages:
+    stages = parallel_config.pipeline_stage
+    declared = cfg_parallel.pipeline_stages
+    if declared is not None and declared != stages:
         raise GLMError(f"parallel.pipeline_stages {declared} disagrees with "
                        f"parallel_config.pipeline_stage {stages}; set only parallel_config.pipeline_stage")
     kwargs["pipeline_stages"] = stages
-    ckpt = _get(cfg_parallel, "strategy_ckpt_config") or {}
-    strategy = dict(ckpt) if isinstance(ckpt, dict) else dataclasses.asdict(ckpt)
+    strategy = dataclasses.asdict(cfg_parallel.strategy_ckpt_config)
     for flat, key in (("strategy_ckpt_save_file", "save_file"), ("strategy_ckpt_load_file", "load_file")):
-        if _get(cfg_parallel, flat):   # the older flat keys win when set
-            strategy[key] = _get(cfg_parallel, flat)
+        if getattr(cfg_parallel, flat):   # the older flat keys win when set
+            strategy[key] = getattr(cfg_parallel, flat)
     if strategy.get("save_file"):
         root, ext = os.path.splitext(strategy["save_file"])
         strategy["save_file"] = f"{root}_rank_{rank}{ext or '.ckpt'}"
@@ -131,7 +116,7 @@ def semi_auto_context(cfg_parallel: Any, parallel_config: Any, rank: int) -> dic
     return kwargs
 
 
-def init_distributed(cfg_parallel: Any, parallel_config: Any, device_target: str) -> tuple[int, int]:
+def init_distributed(cfg_parallel: ParallelSection, parallel_config: ParallelConfig, device_target: str) -> tuple[int, int]:
     """Initialise communication and the auto-parallel context; return (rank, world_size).
 
     On CPU only data parallel works (backend mccl, started by msrun). On Ascend/GPU the
@@ -153,7 +138,7 @@ def init_distributed(cfg_parallel: Any, parallel_config: Any, device_target: str
     ms.reset_auto_parallel_context()
     if mode == "data_parallel" or device_target.upper() == "CPU":
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL,
-                                     gradients_mean=bool(_get(cfg_parallel, "gradients_mean", True)),
+                                     gradients_mean=cfg_parallel.gradients_mean,
                                      device_num=world)
     else:
         # Pass-through: the model carries no per-operator shard strategies; MindSpore's semi-auto

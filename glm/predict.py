@@ -105,13 +105,16 @@ def _session(cfg: RunConfig | dict, rows: int, run_mode: str, requested_format: 
     return tok, Generator(model, use_cache=True), generation_config(cfg, tok), fmt
 
 
-def run_predict(cfg: RunConfig | dict, items: list[str], raw: bool = False) -> list[dict]:
+def run_predict(cfg: RunConfig | dict, items: list[str]) -> list[dict]:
     # A ChatGLM3 conversations file: each line answered from its turns before the last assistant turn.
     chats = read_chat_prompts(items[0]) if len(items) == 1 and _is_file(items[0]) else None
     prompts = read_prompts(items) if chats is None else [_last_asked(c.messages) for c in chats]
     run = as_run(cfg)   # prompts per batch: predict_batch_size, else runner_config.batch_size
     rows = max(1, min(len(prompts), run.predict_batch_size or run.runner_config.batch_size))
-    tok, generator, gen, fmt = _session(cfg, rows, "predict", "raw" if raw else None)
+    tok, generator, gen, fmt = _session(cfg, rows, "predict")   # --raw_prompt is prompt_format raw in cfg
+    if chats is not None and fmt != "glm3_chat":   # role tokens, tools and observations have no other format
+        raise GLMError(f"--predict_data {items[0]}: a conversations file needs the glm3_chat prompt format "
+                       f"(this run uses {fmt}); give plain prompts, or --prompt_format glm3_chat")
     if chats is not None:
         encoded = [chat_prompt_ids(tok, c.messages) for c in chats]
     else:

@@ -178,6 +178,8 @@ def transform(src_strategy: str | None, dst_strategy: str | None, src_dir: str, 
         refuse_training_state(find_rank_checkpoints(src_dir)[0], src_dir)
         merge_data_parallel(src_dir, dst_dir, prefix, check_values)
         return
+    if check_values:   # sharded ranks hold different slices: there are no copies to compare
+        raise GLMError("--check_values compares data-parallel copies; it does not apply with --src_ckpt_strategy")
     refuse_training_state(find_rank_checkpoints(src_dir)[0], src_dir)  # clear errors before MindSpore's
     src = resolve_strategy(src_arg, "--src_ckpt_strategy")
     dst = resolve_strategy(dst_arg, "--dst_ckpt_strategy")

@@ -122,6 +122,16 @@ def test_finetune_without_a_checkpoint(tmp_path):
     assert not list(out.glob("**/*.ckpt"))
 
 
+def test_predict_conversations_file_honours_the_prompt_format(tmp_path):
+    # A conversations file is encoded with ChatGLM3's role tokens; a run in another format says so instead of
+    # quietly encoding it as glm3_chat anyway.
+    one_line_error(run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "predict",
+                           "--load_checkpoint", "random", "--prompt_format", "raw", "--predict_data",
+                           "data/sample/chat_dev.json", "--output_dir", str(tmp_path / "o"), check=False),
+                   "data/sample/chat_dev.json", "needs the glm3_chat prompt format", "this run uses raw")
+    assert not (tmp_path / "o" / "predict_results.jsonl").exists()
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_lora) -> str:
     """A rank-8 qkv LoRA adapter (the shared session run)."""

@@ -142,9 +142,10 @@ def test_same_check_same_message_for_parallel_on_cpu_and_it_names_the_wrong_key(
     assert "parallel.parallel_mode: 1 (semi_auto_parallel) needs Ascend or GPU" in msg
     assert "model_parallel" not in msg and "pipeline_stage" not in msg   # they are 1
     from glm.parallel import check_parallel_support  # what the run's init_distributed calls
+    from glm.sections import ParallelConfig, ParallelSection
 
     with pytest.raises(GLMError) as run_error:
-        check_parallel_support({"parallel_mode": 1}, {"model_parallel": 1}, "CPU")
+        check_parallel_support(ParallelSection(parallel_mode=1), ParallelConfig(model_parallel=1), "CPU")
     assert str(run_error.value) in msg
 
 

@@ -177,6 +177,14 @@ def test_convert_a_tiny_checkpoint_both_ways(glm, tmp_path):
             np.testing.assert_array_equal(back[name], value)
     assert "expected a .ckpt or .safetensors" in one_error(
         glm("convert", "--input_path", tmp_path / "hf", "--output_path", tmp_path / "w.bin"))
+    # Options of the HF output are refused in the other direction, not ignored; --base needs an adapter.
+    assert "--layout, --max_shard_size: only with --reversed" in one_error(
+        glm("convert", "--input_path", tmp_path / "hf", "--output_path", tmp_path / "w2.ckpt", "--layout",
+            "glm_hf", "--max_shard_size", "1GB"))
+    assert not (tmp_path / "w2.ckpt").exists()
+    assert "is not a LoRA adapter" in one_error(
+        glm("convert", "--reversed", "--input_path", tmp_path / "w.ckpt", "--output_path", tmp_path / "back2",
+            "--base", tmp_path / "w.ckpt"))
 
 
 # -------------------------------------------------------------------------------------------- launch

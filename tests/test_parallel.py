@@ -19,6 +19,8 @@ from glm.parallel import (
     init_distributed,
     semi_auto_context,
 )
+from glm.sections import ParallelConfig, ParallelSection
+from glm.settings import resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import transform_ckpt  # noqa: E402
@@ -37,18 +39,19 @@ def test_cpu_refuses_model_parallel(cfg_parallel: dict, parallel_config: dict, w
     # The check runs before mindspore.communication.init(), so no cluster is needed. The message names the
     # key that is wrong, not model_parallel/pipeline_stage when they are 1.
     with pytest.raises(GLMError) as e:
-        init_distributed(cfg_parallel, parallel_config, "CPU")
+        init_distributed(ParallelSection(**cfg_parallel), ParallelConfig(**parallel_config), "CPU")
     assert str(e.value) == wrong
 
 
 def test_parallel_support_accepts() -> None:
-    assert check_parallel_support({}, {"data_parallel": 2, "model_parallel": 1}, "CPU") == "data_parallel"
-    assert check_parallel_support({"parallel_mode": "semi_auto_parallel"}, {"model_parallel": 2},
-                                  "Ascend") == "semi_auto_parallel"
+    assert check_parallel_support(ParallelSection(), ParallelConfig(data_parallel=2, model_parallel=1),
+                                  "CPU") == "data_parallel"
+    assert check_parallel_support(ParallelSection(parallel_mode="semi_auto_parallel"),
+                                  ParallelConfig(model_parallel=2), "Ascend") == "semi_auto_parallel"
     with pytest.raises(GLMError, match="parallel_mode"):
-        check_parallel_support({"parallel_mode": "tensor"}, {}, "Ascend")
-    with pytest.raises(GLMError, match="model_parallel"):
-        check_parallel_support({}, {"model_parallel": "two"}, "CPU")
+        check_parallel_support(ParallelSection(parallel_mode="tensor"), ParallelConfig(), "Ascend")
+    with pytest.raises(GLMError, match="model_parallel"):   # types are the loader's to check, once
+        _cfg("parallel_config.model_parallel=two")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +65,11 @@ def _cfg(*overrides: str, path: str = "configs/glm3/run_glm3_6b.yaml") -> dict:
     from glm.config import load_config
 
     return load_config(REPO / path, list(overrides))
+
+
+def _run(*overrides: str):
+    """The typed config the run modes receive."""
+    return resolve(_cfg(*overrides))
 
 
 @pytest.fixture
@@ -85,7 +93,8 @@ def test_semi_auto_pass_through(fake_cluster) -> None:
     cfg = _cfg("parallel_config.model_parallel=2", "parallel_config.pipeline_stage=2",
                "parallel.strategy_ckpt_config.save_file=./strategy/ckpt_strategy.ckpt")
     assert cfg["parallel"]["pipeline_stages"] is None and cfg["parallel"]["dataset_strategy"] is None
-    assert init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend") == (3, 8)
+    run = resolve(cfg)
+    assert init_distributed(run.parallel, run.parallel_config, "Ascend") == (3, 8)
     assert fake_cluster["init"] == 1
     [kw] = fake_cluster["context"]
     assert kw == {
@@ -109,24 +118,24 @@ def test_semi_auto_pass_through(fake_cluster) -> None:
 def test_semi_auto_strategy_files_and_stages(fake_cluster) -> None:
     import mindspore as ms
 
-    cfg = _cfg("parallel.parallel_mode=auto_parallel", "parallel.strategy_ckpt_load_file=/s/merged.ckpt",
+    run = _run("parallel.parallel_mode=auto_parallel", "parallel.strategy_ckpt_load_file=/s/merged.ckpt",
                "parallel.strategy_ckpt_save_file=/s/out", "parallel.pipeline_stages=4",
                "parallel_config.pipeline_stage=4", "parallel.dataset_strategy=full_batch")
-    init_distributed(cfg["parallel"], cfg["parallel_config"], "GPU")
+    init_distributed(run.parallel, run.parallel_config, "GPU")
     [kw] = fake_cluster["context"]
     assert kw["parallel_mode"] == ms.ParallelMode.AUTO_PARALLEL and kw["pipeline_stages"] == 4
     assert kw["strategy_ckpt_config"]["load_file"] == "/s/merged.ckpt"     # flat keys win over the dict
     assert kw["strategy_ckpt_config"]["save_file"] == "/s/out_rank_3.ckpt"
     assert "dataset_strategy" not in kw and kw["full_batch"] is True
     with pytest.raises(GLMError, match="pipeline_stages 2 disagrees with parallel_config.pipeline_stage 4"):
-        semi_auto_context({"pipeline_stages": 2}, {"pipeline_stage": 4}, 0)
+        semi_auto_context(ParallelSection(pipeline_stages=2), ParallelConfig(pipeline_stage=4), 0)
 
 
 def test_data_parallel_context_unchanged(fake_cluster) -> None:
     import mindspore as ms
 
-    cfg = _cfg("parallel.parallel_mode=0", "parallel.gradients_mean=True")
-    init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend")
+    run = _run("parallel.parallel_mode=0", "parallel.gradients_mean=True")
+    init_distributed(run.parallel, run.parallel_config, "Ascend")
     assert fake_cluster["context"] == [{"parallel_mode": ms.ParallelMode.DATA_PARALLEL, "gradients_mean": True,
                                         "device_num": 8}]
 
@@ -137,9 +146,9 @@ def test_data_parallel_context_unchanged(fake_cluster) -> None:
     ["parallel.dataset_strategy=[[2, 1], [2, 1]]"],
 ])
 def test_semi_auto_refuses_sliced_batches(fake_cluster, overrides: list[str]) -> None:
-    cfg = _cfg(*overrides)
+    run = _run(*overrides)
     with pytest.raises(GLMError) as e:
-        init_distributed(cfg["parallel"], cfg["parallel_config"], "Ascend")
+        init_distributed(run.parallel, run.parallel_config, "Ascend")
     assert str(e.value) == SEMI_AUTO_FULL_BATCH_ERROR
     assert fake_cluster["init"] == 0   # refused before communication starts
 
@@ -152,14 +161,14 @@ def test_semi_auto_refuses_sliced_batches(fake_cluster, overrides: list[str]) ->
     (["parallel.parallel_mode=auto_parallel"], "GPU", 4, (False, False)),
 ])
 def test_data_parallel_plan(overrides: list[str], target: str, world: int, plan: tuple[bool, bool]) -> None:
-    assert data_parallel_plan(_cfg(*overrides), world, target) == plan
+    assert data_parallel_plan(_run(*overrides), world, target) == plan
 
 
 def test_data_parallel_plan_refusals() -> None:
     with pytest.raises(GLMError, match="needs Ascend or GPU"):
-        data_parallel_plan(_cfg("parallel.parallel_mode=1"), 2, "CPU")
+        data_parallel_plan(_run("parallel.parallel_mode=1"), 2, "CPU")
     with pytest.raises(GLMError, match="full_batch: True"):
-        data_parallel_plan(_cfg("parallel.parallel_mode=1", "parallel.full_batch=False"), 2, "Ascend")
+        data_parallel_plan(_run("parallel.parallel_mode=1", "parallel.full_batch=False"), 2, "Ascend")
 
 
 @pytest.mark.parametrize("mode, target, sharded", [(1, "Ascend", False), (0, "CPU", True)])
@@ -274,6 +283,15 @@ def test_missing_strategy_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert transform_ckpt.main(["--src_ckpt_strategy", str(tmp_path / "nope.ckpt"), "--src_ckpt_dir",
                                 str(tmp_path), "--dst_ckpt_dir", str(tmp_path / "o")]) == 2
     assert "--src_ckpt_strategy" in capsys.readouterr().err
+
+
+def test_check_values_with_a_strategy_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Sharded ranks are not copies: --check_values would be ignored there, so it is an error.
+    (tmp_path / "s.ckpt").write_bytes(b"")
+    assert transform_ckpt.main(["--src_ckpt_strategy", str(tmp_path / "s.ckpt"), "--src_ckpt_dir", str(tmp_path),
+                                "--dst_ckpt_dir", str(tmp_path / "o"), "--check_values"]) == 2
+    assert "--check_values compares data-parallel copies" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout, not installed
+
+from glm.io import write_text_atomic  # noqa: E402
 
 KINDS = {
     "裙": {"裙长": ["短裙", "中长裙", "长裙"], "裙型": ["a字裙", "百褶裙", "包臀裙"]},
@@ -147,15 +153,14 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train.json", args.train), ("dev.json", args.dev)):
         lines = [json.dumps(make_line(rng), ensure_ascii=False) for _ in range(n)]
-        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text_atomic(out / name, "\n".join(lines) + "\n")
         print(f"wrote {n} lines to {out / name}")
     chat_rng = random.Random(args.seed + 1)
     for name, n in (("chat_train.json", args.chat_train), ("chat_dev.json", args.chat_dev)):
         lines = [json.dumps(make_chat_line(chat_rng), ensure_ascii=False) for _ in range(n)]
-        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text_atomic(out / name, "\n".join(lines) + "\n")
         print(f"wrote {n} conversations to {out / name}")
 
 

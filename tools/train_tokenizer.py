@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
+import os
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout, not installed
+
+from glm.io import write_bytes_atomic  # noqa: E402
 
 
 def sample_sentences(files: list[str]) -> list[str]:
@@ -42,10 +47,7 @@ def train(files: list[str], out: str, vocab_size: int) -> None:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, num_threads=1, minloglevel=2,
         hard_vocab_limit=False)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:
-        model.seek(0)
-        shutil.copyfileobj(model, f)
+    write_bytes_atomic(out, model.getvalue())
     sp = spm.SentencePieceProcessor(model_file=out)
     print(f"wrote {out}: {sp.vocab_size()} pieces")
 

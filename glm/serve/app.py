@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm import GLMError
 from glm.generate import GenerationConfig
+from glm.prompt_format import family_format
 from glm.serve.engine import Engine, Job, QueueFull
 from glm.serve.protocol import (
     ChatRequest,
@@ -31,7 +32,6 @@ from glm.serve.protocol import (
     error_body,
     generation_settings,
 )
-from glm.tokenizer import ChatGLM3Tokenizer
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
@@ -78,7 +78,7 @@ def create_app(engine: Engine, model_id: str, default_gen: GenerationConfig, pro
     """The app; requests are encoded in `prompt_format` (default: the tokenizer's chat template)."""
     app = FastAPI(title="glm-launcher", docs_url=None, redoc_url=None, openapi_url=None)
     tok = engine.tok
-    prompt_format = prompt_format or ("glm3_chat" if isinstance(tok, ChatGLM3Tokenizer) else "glm2")
+    prompt_format = prompt_format or family_format(tok)
     glm3 = prompt_format == "glm3_chat"   # role tokens: a metadata line, maybe a tool call
     started = int(time.time())
 

@@ -55,6 +55,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="glm-generation", daemon=True)
         self.batches = 0            # batches run (for /health and the benchmark)
         self.busy_rows = 0
+        self._running: list[Job] = []   # the batch the worker runs (close() cancels it after its timeout)
 
     def start(self) -> None:
         self._thread.start()
@@ -83,8 +84,6 @@ class Engine:
             self._thread.join(5)
 
     # -------------------------------------------------------------------------------- worker
-    _running: list = []
-
     def _take_batch(self) -> list[Job]:
         try:
             first = self.waiting.get(timeout=0.1)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from glm.chat_format import ChatFormatError, chat_prompt_ids, normalize_messages, reply_text
 from glm.chat_format import parse_reply as split_reply
 from glm.generate import GenerationConfig
-from glm.prompt_format import encode_prompt
+from glm.prompt_format import encode_prompt, family_format
 from glm.tokenizer import ChatGLM3Tokenizer
 
 Number = Union[StrictInt, StrictFloat]
@@ -180,7 +180,7 @@ def encode_messages(tok, req: ChatRequest, fmt: Optional[str] = None) -> tuple[l
     if msgs[-1].role not in ("user", "tool"):
         raise RequestError(f"messages: the last message must be from the user or a tool, got {msgs[-1].role!r}",
                            "messages")
-    fmt = fmt or ("glm3_chat" if isinstance(tok, ChatGLM3Tokenizer) else "glm2")
+    fmt = fmt or family_format(tok)
     if fmt == "glm3_chat":
         return _encode_glm3(tok, req)
     if req.tools:
