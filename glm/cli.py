@@ -76,7 +76,7 @@ class Command(_Handled, click.Command):
 def _train(cfg: dict, opts: dict) -> None:
     from glm.train import run_train
 
-    run_train(cfg, cfg["run_mode"], cfg.get("resume_training") or None)
+    run_train(cfg, cfg["run_mode"])   # resume_training is in cfg (flag or YAML)
 
 
 def _eval(cfg: dict, opts: dict) -> None:
@@ -245,7 +245,7 @@ def run_mode_main(run_mode: str | None, opts: dict) -> None:
 
     # One writer per output folder, taken before anything is written there (the log included); a
     # distributed job's lock is taken by its rank 0 in run_train.
-    with output_lock(cfg.get("output_dir") or "./output", what=mode, enabled=not cfg.get("use_parallel")), \
+    with output_lock(cfg["output_dir"], what=mode, enabled=not cfg.get("use_parallel")), \
             run_log(cfg):   # a run id; output_dir/log/glm.log gets what the terminal shows
         RUN_MODES[mode][0](cfg, opts)
 

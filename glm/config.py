@@ -68,6 +68,8 @@ def validate_config(raw: dict) -> dict:
             report(str(e), rank=3)
     if errors:
         raise GLMError(format_errors(errors))
+    if not cfg["output_dir"]:   # `output_dir: ''` means the default folder; said once, here
+        cfg["output_dir"] = SCHEMA["output_dir"][1]
     if cfg["optimizer"]["learning_rate"] is not None:  # one source of truth for the trainer
         cfg["lr_schedule"]["learning_rate"] = cfg["optimizer"]["learning_rate"]
     return cfg

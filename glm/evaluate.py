@@ -41,9 +41,9 @@ def run_eval(cfg: RunConfig | dict) -> dict:
     cfg = as_run(cfg)
     proc = init_process(cfg)
     section = dataclasses.asdict(cfg.eval_data)
-    phase = (section.get("data_loader") or {}).get("phase", "eval")
+    phase = cfg.eval_data.data_loader.phase
     metric_type = cfg.metric.type
-    out = ensure_dir(cfg.output_dir or "./output")
+    out = ensure_dir(cfg.output_dir)
     if proc.is_main:   # an earlier run's scores must not sit beside this run's predictions if this one fails
         (out / "metrics.json").unlink(missing_ok=True)
     batch = cfg.runner_config.batch_size

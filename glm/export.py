@@ -98,7 +98,7 @@ def export_preflight(cfg: RunConfig | dict, rank: int = 0) -> dict:
     if run.load_checkpoint in (None, ""):   # fail before building a 6B model
         raise GLMError(f"--run_mode export needs load_checkpoint (the weights to put in the graphs); set "
                        f"load_checkpoint: {RANDOM_INIT} for a random-weight smoke test")
-    paths = _targets(run, Path(run.output_dir or "./output"), rank)
+    paths = _targets(run, Path(run.output_dir), rank)
     if paths["prefill"].resolve() == paths["decode"].resolve():
         raise GLMError(f"infer.prefill_model_path and infer.increment_model_path are both {paths['decode']}: "
                        "the decode graph would overwrite the prefill graph")
@@ -182,7 +182,7 @@ def run_export(cfg: RunConfig | dict) -> dict:
     used = load_checkpoints(model, run.load_checkpoint, lora, required=True, run_mode="export")
     model.set_train(False)
     mcfg = model.config
-    out = Path(run.output_dir or "./output")
+    out = Path(run.output_dir)
     prefix = f"rank_{proc.rank}"
     _export_one(FunctionalStep(model), graph_inputs(mcfg, "prefill", dynamic), paths["prefill"], prefix)
     _export_one(FunctionalDecode(model), graph_inputs(mcfg, "decode", dynamic), paths["decode"], prefix)

@@ -108,7 +108,7 @@ def resolve_output_dir(config: Path, overrides: tuple[str, ...]) -> Path:
     from glm.config import load_config
 
     cfg = load_config(config, overrides)
-    return Path(os.path.abspath(os.path.expanduser(str(cfg.get("output_dir") or "./output"))))
+    return Path(os.path.abspath(os.path.expanduser(str(cfg["output_dir"]))))
 
 
 def default_entry() -> list[str]:

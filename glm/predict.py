@@ -126,7 +126,7 @@ def run_predict(cfg: RunConfig | dict, items: list[str]) -> list[dict]:
         r.update(line=c.line, response=reply_text(*parse_reply(r["response"])), reference=c.reference)
     for r in results:
         print(f">>> {r['prompt']}\n{r['response']}\n", flush=True)
-    path = write_jsonl_atomic(results, Path(run.output_dir or "./output") / "predict_results.jsonl")
+    path = write_jsonl_atomic(results, Path(run.output_dir) / "predict_results.jsonl")
     print(f"results: {path}", file=sys.stderr)
     return results
 

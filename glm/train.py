@@ -55,7 +55,7 @@ class Trainer:
         self.run = run = as_run(cfg)
         self.cfg, self.run_mode = run.raw, run_mode
         self.proc = proc or init_process(run)
-        self.out = Path(run.output_dir or "./output")
+        self.out = Path(run.output_dir)
         runner = run.runner_config
         self.epochs = runner.epochs
         self.batch_size = runner.batch_size
@@ -395,7 +395,7 @@ def run_train(cfg: RunConfig | dict, run_mode: str, resume=None) -> dict:
     proc = init_process(run)
     # One writer per output folder (re-entrant: the CLI holds it already for one process); rank 0 holds it
     # for a distributed job.
-    with output_lock(run.output_dir or "./output", what=run_mode, enabled=proc.is_main), \
+    with output_lock(run.output_dir, what=run_mode, enabled=proc.is_main), \
             run_log(run) as run_id:   # output_dir/log/glm.log (the CLI has usually opened it already)
         trainer = Trainer(run, run_mode, proc)
         trainer.run_id = run_id

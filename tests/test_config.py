@@ -326,3 +326,10 @@ def test_apply_overrides_then_validate():
 def test_semantic_checks(override, needle):
     msg = error(TINY, [override])
     assert needle in msg and msg.startswith(str(TINY)), msg
+
+
+def test_an_empty_output_dir_is_the_default_folder_for_every_reader():
+    # One place turns `output_dir: ''` into the default; run modes, the lock and the launcher read it as is.
+    cfg = load_config(TINY, ["output_dir="])
+    assert cfg["output_dir"] == "./output" and resolve(cfg).output_dir == "./output"
+    assert load_config(TINY, ["output_dir=elsewhere"])["output_dir"] == "elsewhere"
