@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from glm.io import write_text_atomic
 from glm.model.config import GLMConfig
 from glm.settings import (
     CALLBACK_NOTICES,
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{DOC} is out of date: run python -m glm.config_doc", file=sys.stderr)
             return 1
         return 0
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text, encoding="utf-8")
+    write_text_atomic(DOC, text)
     print(f"wrote {DOC}")
     return 0
 
