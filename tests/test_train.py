@@ -108,6 +108,13 @@ def test_data_stats_json_has_truncation_counts_and_percentiles(base_run):
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
         assert stats[key] == {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
     assert stats["source_tokens"]["p50"] > 20 and stats["target_tokens"]["max"] > 10
+    # packing (on by default): every sample is min(src, 48) + min(tgt, 79) + eos tokens of a 128-wide row
+    tokens = int((np.minimum(src, 48) + np.minimum(tgt, 79) + 1).sum())
+    pack = stats["packing"]
+    assert pack["enabled"] and pack["samples"] == 300 and pack["tokens"] == tokens and pack["row_width"] == 128
+    assert pack["padding_before"] == pytest.approx(1 - tokens / (300 * 128), abs=1e-4)
+    assert pack["padding_after"] == pytest.approx(1 - tokens / (pack["rows"] * 128), abs=1e-4)
+    assert pack["rows"] < 200 and pack["padding_after"] < pack["padding_before"] / 2
     assert not [f for f in base_run.iterdir() if f.name.startswith(".")]     # written via temp name + rename
 
 
@@ -141,6 +148,11 @@ def test_sigkill_between_checkpoints_resumes_from_last_complete(base_run, tmp_pa
     assert f"resumed from {last}" in proc.stdout
     assert "skipping unreadable checkpoint" in proc.stderr
     assert max_diff(final_weights(out), final_weights(base_run)) <= 1e-6
+    # with packing on (the default), the same rows, the same label budget K (one graph shape) after the kill
+    pack = json.loads((out / "data_stats.json").read_text())["packing"]
+    assert pack["enabled"] and f"{pack['samples']} samples packed into {pack['rows']} rows" in proc.stdout
+    summary, base = (json.loads((d / "train_summary.json").read_text()) for d in (out, base_run))
+    assert summary["label_budget"] == base["label_budget"] and summary["label_budget"] % 16 == 0
 
 
 def test_gradient_accumulation_2xB_equals_batch_2B(tmp_path):
