@@ -95,22 +95,14 @@ class GLMForCausalLM(nn.Cell):
             self.prefix_slots = Tensor(np.arange(self.prefix_len, dtype=np.int32).reshape(1, -1))
             freeze_all_but_prefix(self)
 
-    def hidden_states(self, input_ids: Tensor, positions=None, segments=None) -> Tensor:
-        """LOCAL STUB (packing helper): positions/segments per SPEC14."""
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """Full-sequence forward with the causal + pad-key mask: [B, S] -> [B, S, H] (fp32)."""
         b, s = input_ids.shape
         causal = self.slots[:s].reshape(1, s) <= self.slots[:s].reshape(s, 1)          # [S, S] j <= i
-        if segments is None:
-            keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
-        else:
-            same = segments.reshape(b, s, 1) == segments.reshape(b, 1, s)
-            keep = ops.logical_and(ops.logical_and(causal.reshape(1, s, s), same), (segments != 0).reshape(b, 1, s))
+        keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
         mask = ops.select(keep, ops.zeros_like(keep, dtype=ms.float32),
                           ops.full_like(keep, NEG_INF, dtype=ms.float32)).reshape(-1, 1, s, s)
-        if positions is None:
-            cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
-        else:
-            cos = ops.gather(self.rope_cos, positions, 0).reshape(b, s, 1, -1)
-            sin = ops.gather(self.rope_sin, positions, 0).reshape(b, s, 1, -1)
+        cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
         x = self.transformer.embedding(input_ids)
         if self.prefix_encoder is None:
             return self.transformer.encoder(x, cos, sin, mask)
@@ -121,11 +113,8 @@ class GLMForCausalLM(nn.Cell):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.transformer.output_layer(hidden).astype(ms.float32)
 
-    def construct(self, input_ids: Tensor, labels=None, positions=None, segments=None, label_rows=None) -> Tensor:
-        hidden = self.hidden_states(input_ids, positions, segments)
-        if label_rows is not None:
-            hidden = ops.gather(hidden.reshape(-1, hidden.shape[-1]), label_rows, 0)
-        logits = self.logits(hidden)
+    def construct(self, input_ids: Tensor, labels=None) -> Tensor:
+        logits = self.logits(self.hidden_states(input_ids))
         if labels is None:
             return logits
         return self.loss(logits, labels)
