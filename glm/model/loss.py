@@ -1,0 +1,108 @@
+"""Cross-entropy through the output layer, chunk by chunk (fused linear cross-entropy).
+
+    hidden [K, H] --(chunk of C rows)--> logits [C, V] = hidden_c W^T --> mean CE over labels != -100
+
+No [K, V] tensor exists: each chunk's logits, softmax and softmax-minus-onehot live only while that chunk
+is processed (C = `chunk_rows(V)` keeps them at ~32 MB fp32). In training the gradient is computed in the
+forward, chunk by chunk - d_hidden_c = G_c W and d_W += G_c^T hidden_c with G_c = (softmax - onehot) / n -
+so the backward only multiplies the stored gradients by dout (loss scaling and the trainer's token weight
+arrive there). That is 3 projections' worth of matmuls, as autodiff would do, but without the [K, V]
+log-softmax and its gradient, and without MindSpore's CPU LogSoftmaxGrad (~7x a softmax on [1024, 4096]).
+
+In graph mode a gradient nobody asks for is dropped with the forward ops that only feed it (measured: a
+frozen W - LoRA elsewhere, P-Tuning - costs no d_W matmul). Outside training (`set_train(False)`: eval
+loss, perplexity) only the loss is computed, still chunked; that path is also plain-differentiable.
+"""
+
+from __future__ import annotations
+
+from mindspore import Tensor, nn, ops
+
+from glm.runtime import ms
+
+IGNORE = -100
+CHUNK_BYTES = 32 * 1024 * 1024   # the largest fp32 [C, V] tensor a chunk may hold
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: max(16, 8 Mi / V) rounded down to a multiple of 16 (128 at V = 65024)."""
+    return max(16, (CHUNK_BYTES // 4 // vocab) // 16 * 16)
+
+
+def _chunk_nll(h: Tensor, weight: Tensor, labels: Tensor):
+    """One chunk: (nll [c] with 0 where the label is -100, exp(z - max) [c, V], row sums [c, 1], valid [c])."""
+    z = ops.MatMul(transpose_b=True)(h.astype(weight.dtype), weight).astype(ms.float32)     # [c, V]
+    top = ops.stop_gradient(ops.amax(z, -1, True))
+    e = ops.exp(z - top)
+    # The row sum as a matmul with a ones column: CPU ReduceSum over a long last axis is slower.
+    total = ops.matmul(e, ops.ones((z.shape[-1], 1), ms.float32))                          # [c, 1]
+    valid = (labels != IGNORE).astype(ms.float32)
+    picked = ops.gather_elements(z, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
+    nll = (ops.log(total).reshape(-1) + top.reshape(-1) - picked) * valid
+    return nll, e, total, valid
+
+
+class _FusedLinearCE(nn.Cell):
+    """(loss, d_hidden, d_weight) of the mean CE; the backward scales the last two by dout."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+        self.grad_weight = ops.MatMul(transpose_a=True)
+
+    def construct(self, hidden: Tensor, weight: Tensor, labels: Tensor):
+        k = hidden.shape[0]
+        n = ops.maximum((labels != IGNORE).astype(ms.float32).sum(), 1.0)
+        loss, d_hidden, d_weight = 0.0, [], None
+        for start in range(0, k, self.chunk):
+            end = min(start + self.chunk, k)
+            h, lab = hidden[start:end], labels[start:end]
+            nll, e, total, valid = _chunk_nll(h, weight, lab)
+            loss = loss + nll.sum()
+            w = valid / n                                                   # each row's share of the mean
+            g = e * (w.reshape(-1, 1) / total)                              # softmax / n, ignored rows 0
+            rows = ops.arange(end - start, dtype=ms.int32)
+            g = ops.tensor_scatter_add(g, ops.stack([rows, ops.maximum(lab, 0)], 1), -w)   # - onehot / n
+            g = g.astype(weight.dtype)
+            d_hidden.append(ops.matmul(g, weight).astype(hidden.dtype))
+            dw = self.grad_weight(g, h.astype(weight.dtype))
+            d_weight = dw if d_weight is None else d_weight + dw
+        return loss / n, ops.concat(d_hidden, 0), d_weight
+
+    def bprop(self, hidden: Tensor, weight: Tensor, labels: Tensor, out, dout):
+        scale = dout[0]
+        return out[1] * scale.astype(out[1].dtype), out[2] * scale.astype(out[2].dtype), ops.zeros_like(labels)
+
+
+class ChunkedCrossEntropy(nn.Cell):
+    """`construct(hidden [K, H], weight [V, H], labels [K])` -> mean CE over labels != -100 (0 when none).
+
+    `weight` is the output layer's weight in its compute dtype (`Linear.merged_weight`); rows are
+    cut into chunks of `chunk` rows (`chunk_rows(V)` by default; any positive value is exact)."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+        self.fused = _FusedLinearCE(chunk)
+
+    def construct(self, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        labels = labels.astype(ms.int32)
+        if self.training:
+            loss, _, _ = self.fused(hidden, weight, labels)
+            return loss
+        k = hidden.shape[0]
+        n = ops.maximum((labels != IGNORE).astype(ms.float32).sum(), 1.0)
+        loss = 0.0
+        for start in range(0, k, self.chunk):
+            end = min(start + self.chunk, k)
+            loss = loss + _chunk_nll(hidden[start:end], weight, labels[start:end])[0].sum()
+        return loss / n
+
+
+def logits_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE over labels != -100 from materialised logits [K, V] (plain ops, autodiff)."""
+    labels = labels.astype(ms.int32)
+    valid = (labels != IGNORE).astype(ms.float32)
+    logp = ops.log_softmax(logits.astype(ms.float32), -1)
+    nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
+    return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
