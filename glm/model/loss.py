@@ -4,8 +4,8 @@
 
 No [K, V] tensor exists: each chunk's logits, softmax and softmax-minus-onehot live only while that chunk
 is processed (C = `chunk_rows(V)` keeps them at ~32 MB fp32). In training the gradient is computed in the
-forward, chunk by chunk - d_hidden_c = G_c W and d_W += G_c^T hidden_c with G_c = (softmax - onehot) / n -
-so the backward only multiplies the stored gradients by dout (loss scaling and the trainer's token weight
+forward, chunk by chunk - d_hidden_c = G_c W and d_W += G_c^T hidden_c with G_c = softmax - onehot - so
+the backward only multiplies the stored gradients by dout / n (loss scaling and the trainer's token weight
 arrive there). That is 3 projections' worth of matmuls, as autodiff would do, but without the [K, V]
 log-softmax and its gradient, and without MindSpore's CPU LogSoftmaxGrad (~7x a softmax on [1024, 4096]).
 
@@ -30,20 +30,23 @@ def chunk_rows(vocab: int) -> int:
 
 
 def _chunk_nll(h: Tensor, weight: Tensor, labels: Tensor):
-    """One chunk: (nll [c] with 0 where the label is -100, exp(z - max) [c, V], row sums [c, 1], valid [c])."""
+    """One chunk: (nll [c] with 0 where the label is -100, log-softmax [c, V] fp32, valid [c] fp32).
+
+    LogSoftmax rather than max / exp / sum: CPU ReduceMax over [128, 65024] alone costs ~3x LogSoftmax."""
     z = ops.MatMul(transpose_b=True)(h.astype(weight.dtype), weight).astype(ms.float32)     # [c, V]
-    top = ops.stop_gradient(ops.amax(z, -1, True))
-    e = ops.exp(z - top)
-    # The row sum as a matmul with a ones column: CPU ReduceSum over a long last axis is slower.
-    total = ops.matmul(e, ops.ones((z.shape[-1], 1), ms.float32))                          # [c, 1]
+    logp = ops.log_softmax(z, -1)
     valid = (labels != IGNORE).astype(ms.float32)
-    picked = ops.gather_elements(z, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
-    nll = (ops.log(total).reshape(-1) + top.reshape(-1) - picked) * valid
-    return nll, e, total, valid
+    picked = ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
+    return -picked * valid, logp, valid
 
 
 class _FusedLinearCE(nn.Cell):
-    """(loss, d_hidden, d_weight) of the mean CE; the backward scales the last two by dout."""
+    """(loss, d_hidden, d_weight); the two gradients are of the SUM of the row losses, the backward turns them
+    into the mean's and multiplies by dout.
+
+    Unnormalised, softmax - onehot is O(1), so in a float16 compute dtype the chunk matmuls do not underflow
+    (divided by n it would be ~1e-6, below fp16's normal range: loss scaling only reaches it in the backward).
+    """
 
     def __init__(self, chunk: int):
         super().__init__()
@@ -52,26 +55,29 @@ class _FusedLinearCE(nn.Cell):
 
     def construct(self, hidden: Tensor, weight: Tensor, labels: Tensor):
         k = hidden.shape[0]
-        n = ops.maximum((labels != IGNORE).astype(ms.float32).sum(), 1.0)
         loss, d_hidden, d_weight = 0.0, [], None
         for start in range(0, k, self.chunk):
             end = min(start + self.chunk, k)
             h, lab = hidden[start:end], labels[start:end]
-            nll, e, total, valid = _chunk_nll(h, weight, lab)
+            nll, logp, valid = _chunk_nll(h, weight, lab)
             loss = loss + nll.sum()
-            w = valid / n                                                   # each row's share of the mean
-            g = e * (w.reshape(-1, 1) / total)                              # softmax / n, ignored rows 0
+            g = ops.exp(logp) * valid.reshape(-1, 1)                        # softmax, ignored rows 0
             rows = ops.arange(end - start, dtype=ms.int32)
-            g = ops.tensor_scatter_add(g, ops.stack([rows, ops.maximum(lab, 0)], 1), -w)   # - onehot / n
+            g = ops.tensor_scatter_add(g, ops.stack([rows, ops.maximum(lab, 0)], 1), -valid)   # - onehot
             g = g.astype(weight.dtype)
-            d_hidden.append(ops.matmul(g, weight).astype(hidden.dtype))
-            dw = self.grad_weight(g, h.astype(weight.dtype))
+            d_hidden.append(ops.matmul(g, weight).astype(ms.float32))
+            dw = self.grad_weight(g, h.astype(weight.dtype)).astype(ms.float32)
             d_weight = dw if d_weight is None else d_weight + dw
-        return loss / n, ops.concat(d_hidden, 0), d_weight
+        return loss / _count(labels), ops.concat(d_hidden, 0), d_weight
 
     def bprop(self, hidden: Tensor, weight: Tensor, labels: Tensor, out, dout):
-        scale = dout[0]
-        return out[1] * scale.astype(out[1].dtype), out[2] * scale.astype(out[2].dtype), ops.zeros_like(labels)
+        scale = dout[0].astype(ms.float32) / _count(labels)
+        return (out[1] * scale).astype(hidden.dtype), (out[2] * scale).astype(weight.dtype), ops.zeros_like(labels)
+
+
+def _count(labels: Tensor) -> Tensor:
+    """max(#labels != -100, 1): the mean's denominator (an all-ignored batch gives loss 0, not NaN)."""
+    return ops.maximum((labels != IGNORE).astype(ms.float32).sum(), 1.0)
 
 
 class ChunkedCrossEntropy(nn.Cell):
@@ -91,12 +97,11 @@ class ChunkedCrossEntropy(nn.Cell):
             loss, _, _ = self.fused(hidden, weight, labels)
             return loss
         k = hidden.shape[0]
-        n = ops.maximum((labels != IGNORE).astype(ms.float32).sum(), 1.0)
         loss = 0.0
         for start in range(0, k, self.chunk):
             end = min(start + self.chunk, k)
             loss = loss + _chunk_nll(hidden[start:end], weight, labels[start:end])[0].sum()
-        return loss / n
+        return loss / _count(labels)
 
 
 def logits_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
