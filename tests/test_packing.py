@@ -164,42 +164,4 @@ def test_adgen_train_padding_report(tmp_path):
     assert p["rows"] < p["samples"] and p["padding_after"] < p["padding_before"]
 
 
-# ---------------------------------------------------------------- with the model: packed rows == own rows
-
-@pytest.mark.parametrize("config", ["configs/glm2/run_glm2_tiny.yaml", "configs/glm2/run_glm2_tiny_ptuning2.yaml"])
-def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(config):
-    """8 samples in rows of their own vs packed into fewer rows: the same label-only loss and gradients."""
-    from cli_utils import REPO
-
-    from glm.build import build_model
-    from glm.config import apply_overrides, load_config
-    from glm.runtime import ms, setup_context
-
-    setup_context("CPU", 0)
-    cfg = apply_overrides(load_config(str(REPO / config)), ["model.model_config.hidden_dropout=0.0",
-                                                             "model.model_config.attention_dropout=0.0"])
-    model, _ = build_model(cfg)
-    model.set_train(True)
-    params = model.trainable_params()
-    grad_fn = ms.jit(ms.value_and_grad(model, None, params))
-    samples = {k: v[:8] for k, v in build(pack=False).samples.items()}
-    lengths = sample_lengths(samples["input_ids"], samples["labels"], 0)
-    rows = pack_samples(samples, lengths, seed=5, pad_id=0)
-    assert len(rows["input_ids"]) < 8 and (rows["segments"].max(axis=1) > 1).any()
-    # Empty rows (all padding, segment 0) bring the packed batch to 8 rows: one graph shape, one compile.
-    rows = {k: np.concatenate([v, np.full((8 - len(v), v.shape[1]), -100 if k == "labels" else 0, v.dtype)])
-            for k, v in rows.items() if k in ("input_ids", "labels", "positions", "segments")}
-    k = 16 * -(-int((samples["labels"] != -100).sum()) // 16)
-
-    def run(ids, labels, positions=None, segments=None):
-        label_rows, label_ids = select_labels(labels, k)
-        t = [None if a is None else ms.Tensor(a) for a in (ids, label_ids, positions, segments, label_rows)]
-        loss, grads = grad_fn(*t)
-        return float(loss.asnumpy()), [g.asnumpy() for g in grads]
-
-    own_loss, own_grads = run(samples["input_ids"], samples["labels"])
-    packed_loss, packed_grads = run(rows["input_ids"], rows["labels"], rows["positions"], rows["segments"])
-    assert packed_loss == pytest.approx(own_loss, abs=1e-5) and own_loss > 1.0
-    for p, a, b in zip(params, own_grads, packed_grads):
-        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=p.name)
-    assert max(float(np.abs(g).max()) for g in own_grads) > 1e-4   # gradients are not all zero
+# Packed rows vs one sample per row through the model (loss and gradients): tests/test_packing_train.py.
