@@ -11,10 +11,10 @@ from what glm/model/layers.py keeps for the backward, for one micro-batch of B r
   q/k/v, the fp32 attention probabilities [B, nh, S, T] and their compute-dtype copy, the SwiGLU gate/up/silu
   [B, S, ffn] (and their product when dense_4h_to_h trains), dropout masks; plus the shared [B, 1, S, T] mask
   and one layer's backward working set (d probs and d scores, d of the MLP intermediates);
-- the loss, two ways. Unchunked (TokenCrossEntropy before issue 14): [B*S, V] fp32 logits, log-softmax and
-  softmax gradient (+ its compute-dtype copy). Chunked (docs SPEC14): only labelled rows (K <= B*S) in chunks of
+- the loss, two ways. Unchunked (main's TokenCrossEntropy before issue 14): [B*S, V] fp32 logits, log-softmax and
+  softmax gradient (+ its compute-dtype copy). Chunked (glm/model/loss.py, SPEC14): only labelled rows (K <= B*S) in chunks of
   C = max(16, 8 Mi // V) rounded down to 16 rows: 4 fp32 [C, V] tensors at a time, the selected hidden rows and
-  their gradient [K, H] fp32, and the output weight's gradient accumulator when it trains.
+  their gradient [K, H] fp32, and the output weight's fp32 gradient accumulator when it trains.
 
 The sum is an upper bound of an ideal runtime (every gradient and activation alive at once); an update-phase
 peak (weights, gradients, moments and fp32 clipped copies) is taken when that is larger. What it does not
@@ -31,10 +31,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from glm.model.loss import chunk_rows  # the loss's own rule (SPEC14), so the estimate cannot drift from it
+
 GB = float(2 ** 30)
 MB = float(2 ** 20)
-CHUNK_BYTES = 32 * 1024 * 1024   # SPEC14: no fp32 [C, V] chunk above ~32 MB
-CHUNK_LIVE = 4                   # fp32 [C, V] tensors alive per chunk: logits, logits - max, exp, softmax - onehot
+CHUNK_LIVE = 4                   # fp32 [C, V] tensors alive per chunk: logits, log-softmax, softmax, - onehot
 CPU_RUNTIME_BYTES = int(0.6 * GB)   # MindSpore's own RSS on CPU (measured: import + graphs of a 2-layer model)
 # Measured (2-layer hidden-256 models, V 2048/65024, B 4/8, S 193, full and LoRA, before and after the chunked
 # loss): peak RSS / (this estimate + CPU_RUNTIME_BYTES). Broadcasting elementwise kernels retain extra buffers.
@@ -99,11 +100,6 @@ class Estimate:
 
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
-
-
-def chunk_rows(vocab: int) -> int:
-    """SPEC14's chunk: max(16, 8 Mi // V) rounded down to a multiple of 16 rows (128 at V = 65024)."""
-    return max(16, (CHUNK_BYTES // 4 // vocab) // 16 * 16)
 
 
 def _kinds(params: list[Param]) -> tuple[dict, dict, bool]:
@@ -194,7 +190,7 @@ def estimate(w: Workload, params: list[Param]) -> Estimate:
     c = min(chunk_rows(v), k)   # a chunk never exceeds the rows there are
     new = CHUNK_LIVE * c * vs * 4 + (c * vs * cd if cd != 4 else 0) + 2 * k * h * 4
     if trains.get("output_layer"):
-        new += vs * h * cd   # d_weight accumulated in the forward
+        new += vs * h * 4   # d_weight, accumulated in fp32 in the forward
     dtypes = ", ".join(f"{n:,} {d.replace('float', 'fp')}" for d, n in sorted(by_dtype.items(), key=lambda x: -x[1]))
     tdt = sorted({p.dtype.replace("float", "fp") for p in trainable}) or ["-"]
     terms = [
