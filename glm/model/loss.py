@@ -59,6 +59,11 @@ class _FusedLinearCE(nn.Cell):
         for start in range(0, k, self.chunk):
             end = min(start + self.chunk, k)
             h, lab = hidden[start:end], labels[start:end]
+            if d_hidden:
+                # One chunk after the other: unordered, the graph overlaps the chunks' [C, V] tensors (measured
+                # peak RSS of the probe step at K = 1032: 3.44 GB unordered, 2.94 GB ordered). Ordered on d_hidden,
+                # not d_weight, so a frozen output layer still drops its d_weight matmuls.
+                h = ops.depend(h, d_hidden[-1])
             nll, logp, valid = _chunk_nll(h, weight, lab)
             loss = loss + nll.sum()
             g = ops.exp(logp) * valid.reshape(-1, 1)                        # softmax, ignored rows 0
