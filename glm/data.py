@@ -352,6 +352,10 @@ def format_stats(stats: dict) -> str:
     if "dropped_turns" in stats:
         extra.append(f"  earliest turns dropped to fit: {stats['dropped_turns']} turns in "
                      f"{stats['samples_with_dropped_turns']} samples")
+    if "packing" in stats:
+        from glm.packing import format_packing
+
+        extra.append(format_packing(stats))
     return "\n".join([
         head,
         f"  lines read {stats['lines_read']}, skipped {n_skip} ({reasons}), samples {stats['samples']}",

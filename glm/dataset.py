@@ -4,10 +4,12 @@ Main path for the trainer: `build_dataset(...)` once, then `.dataset` (epoch giv
 `.for_epoch(epoch, skip_batches)` for later epochs; preprocessing runs once and every epoch only indexes numpy
 arrays. `iter_batches` yields exactly the same batches without MindSpore (handy for tests and tools).
 
-Order is fully determined by (seed, epoch, num_shards, shard_id, skip_batches) so a resumed run sees the same
-batches: shuffling is an explicit permutation np.random.default_rng(seed + epoch) applied inside the source, and
+Batches are cut from `rows`: the samples themselves, or with `train_dataset.packing` (train phase only) the
+packed rows of glm/packing.py, which add the columns `positions` and `segments`. Order is fully determined by
+(seed, epoch, num_shards, shard_id, skip_batches) so a resumed run sees the same batches: shuffling is an
+explicit permutation np.random.default_rng(seed + epoch) of the rows applied inside the source, and
 GeneratorDataset itself never shuffles. With num_shards, GeneratorDataset gives rank r the positions
-r, r + S, r + 2S, ... of that permutation, padded by wrapping around to ceil(N / S) samples per rank.
+r, r + S, r + 2S, ... of that permutation, padded by wrapping around to ceil(N / S) rows per rank.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from glm import GLMError
 from glm.chat_format import parse_reply, reply_text
 from glm.data import Record, format_stats, load_data
+from glm.packing import PACKED_COLUMNS, pack_samples, packing_stats, round_budget, sample_lengths
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
 from glm.settings import DatasetConfig
 from glm.tokenizer import GLMTokenizer, load_tokenizer
@@ -70,7 +73,7 @@ class AdgenDataset:
     records: list[Record]  # raw (prompt, answer) text, indexed by the eval "index" column
     samples: dict[str, np.ndarray]  # int32 arrays over all samples, in file order
     stats: dict
-    columns: list[str]  # ["input_ids", "labels"] for train, + "index" for eval
+    columns: list[str]  # ["input_ids", "labels"] for train (+ positions, segments when packed), + "index" for eval
     batch_size: int
     shuffle: bool = False
     seed: int = 0
@@ -82,6 +85,16 @@ class AdgenDataset:
     repeat: int = 1
     dataset: ds.Dataset | None = field(default=None, repr=False)
     num_batches: int = 0  # per epoch, per shard
+    rows: dict[str, np.ndarray] | None = None  # what batches are cut from: the packed rows, or `samples`
+    packed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = self.samples
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows["input_ids"])
 
     def prediction_text(self, tokens) -> str:
         """Generated tokens as text comparable with a record's answer: for conversations, a reply's metadata
@@ -89,9 +102,9 @@ class AdgenDataset:
         text = self.tokenizer.decode(tokens)
         return reply_text(*parse_reply(text)) if self.stats.get("format") == "conversations" else text
 
-    def _shard_size(self) -> int:
-        n = len(self.records)
-        return len(shard_positions(n, self.num_shards, self.shard_id))
+    def _shard_size(self, shard_id: int | None = None) -> int:
+        return len(shard_positions(self.num_rows, self.num_shards,
+                                   self.shard_id if shard_id is None else shard_id))
 
     def batches_per_epoch(self) -> int:
         m = self._shard_size()
@@ -112,8 +125,8 @@ class AdgenDataset:
         first pass (0..R x batches_per_epoch), as the trainer's step_in_epoch does when it resumes.
         """
         self._check_skip(skip_batches)
-        order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-        source = _Source([self.samples[c] for c in self.columns], order)
+        order = epoch_order(self.num_rows, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        source = _Source([self.rows[c] for c in self.columns], order)
         data = ds.GeneratorDataset(source, column_names=self.columns, shuffle=False,
                                    num_shards=self.num_shards, shard_id=self.shard_id,
                                    num_parallel_workers=self.num_parallel_workers,
@@ -129,19 +142,42 @@ class AdgenDataset:
     def iter_batches(self, epoch: int = 0, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Pure-numpy twin of `for_epoch` (same batches, same order, `repeat` passes included)."""
         self._check_skip(skip_batches)
-        order = epoch_order(len(self.records), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-        idx = order[shard_positions(len(order), self.num_shards, self.shard_id)]
+        idx = self._epoch_rows(epoch, self.shard_id)
         per_pass = self.batches_per_epoch()
         for k in range(skip_batches, per_pass * self.repeat):
             b = k % per_pass
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield {c: self.samples[c][sel] for c in self.columns}
+            yield {c: self.rows[c][sel] for c in self.columns}
+
+    def _epoch_rows(self, epoch: int, shard_id: int | None) -> np.ndarray:
+        """The row indices one shard reads in `epoch`, in order (one pass)."""
+        order = epoch_order(self.num_rows, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        return order[shard_positions(len(order), self.num_shards, shard_id)]
+
+    def label_budget(self, epochs: int) -> int:
+        """K of the label-only loss: the most labels any batch of epochs 0..epochs-1 holds, over every
+        data-parallel shard (so all ranks, and a resumed run, compile the same graph), rounded up to a
+        multiple of 16. Accumulation's micro-batches are these batches; `repeat` passes repeat them."""
+        counts = (self.rows["labels"] != -100).sum(axis=1)
+        per_pass = self.batches_per_epoch() * self.batch_size
+        best = 0
+        for epoch in range(max(1, epochs)):
+            for shard in range(self.num_shards or 1):
+                idx = self._epoch_rows(epoch, shard if self.num_shards else None)[:per_pass]
+                full = len(idx) // self.batch_size * self.batch_size
+                sums = counts[idx[:full]].reshape(-1, self.batch_size).sum(axis=1)
+                tail = counts[idx[full:]].sum()
+                best = max(best, int(sums.max()) if sums.size else 0, int(tail))
+        return round_budget(best)
 
 
 def build_dataset(section: DatasetConfig | dict, *, batch_size: int, seq_length: int | None = None,
                   num_shards: int | None = None, shard_id: int | None = None, epoch: int = 0, skip_batches: int = 0,
-                  where: str = "train_dataset") -> AdgenDataset:
+                  where: str = "train_dataset", pack: bool = False) -> AdgenDataset:
     """Load, preprocess and batch the dataset described by a YAML block (`where` names it in errors).
+
+    `pack`: the trainer passes `train_dataset.packing` here; every other reader (eval loss, perplexity,
+    generation) reads one sample per row, whatever the block says (packing changes no result there).
 
     `section` is the loader's typed DatasetConfig (glm/settings.py: its keys are checked there, once); a
     plain mapping goes through the same loader checks first. `batch_size` overrides the block's own
@@ -173,11 +209,15 @@ def build_dataset(section: DatasetConfig | dict, *, batch_size: int, seq_length:
         loader.dataset_dir, tokenizer, phase=phase, version=loader.version, max_source_length=max_src,
         max_target_length=max_tgt, fmt=loader.format, columns=dataclasses.asdict(loader.columns),
         origin_columns=loader.origin_columns, where=lw, ignore_pad_token_for_loss=section.ignore_pad_token_for_loss)
+    rows, packed = _rows(samples, stats, tokenizer, phase=phase, pack=pack, seed=section.seed,
+                         ignore_pad=section.ignore_pad_token_for_loss)
     print(format_stats(stats), flush=True)
 
     data = AdgenDataset(
         tokenizer=tokenizer, records=records, samples=samples, stats=stats,
-        columns=TRAIN_COLUMNS if phase == "train" else EVAL_COLUMNS, batch_size=batch_size,
+        rows=rows, packed=packed,
+        columns=(TRAIN_COLUMNS + list(PACKED_COLUMNS) if packed else TRAIN_COLUMNS) if phase == "train"
+        else EVAL_COLUMNS, batch_size=batch_size,
         shuffle=loader.shuffle, seed=section.seed, drop_remainder=section.drop_remainder,
         num_shards=num_shards, shard_id=shard_id,
         # Honour the YAML, but 8 workers on a 2-core box only add contention.
@@ -185,7 +225,32 @@ def build_dataset(section: DatasetConfig | dict, *, batch_size: int, seq_length:
         python_multiprocessing=section.python_multiprocessing, repeat=section.repeat)
     data.num_batches = data.batches_per_epoch()
     if data.num_batches == 0:
-        raise GLMError(f"{where}: {data._shard_size()} samples per shard make no full batch of {batch_size} "
+        unit = "packed rows" if packed else "samples"
+        raise GLMError(f"{where}: {data._shard_size()} {unit} per shard make no full batch of {batch_size} "
                        f"(drop_remainder is true); lower the batch size or add data")
     data.dataset = data.for_epoch(epoch, skip_batches)
     return data
+
+
+def _rows(samples: dict[str, np.ndarray], stats: dict, tokenizer: GLMTokenizer, *, phase: str, pack: bool,
+          seed: int, ignore_pad: bool) -> tuple[dict[str, np.ndarray], bool]:
+    """The rows batches are cut from (packed when `pack` and the layout allows it); records the
+    "packing" entry of `stats` for train-phase data."""
+    if phase != "train":
+        return samples, False
+    ids, labels = samples["input_ids"], samples["labels"]
+    width = ids.shape[1]
+    lengths = sample_lengths(ids, labels, tokenizer.pad_id)
+    why_off = ""
+    if pack and not ignore_pad:
+        # The reference trains on the pad labels of every row; packing removes that padding, so it would
+        # not be the same training: keep one sample per row.
+        why_off, pack = "ignore_pad_token_for_loss is false: the pad labels are trained on", False
+    if not pack:
+        stats["packing"] = packing_stats(lengths, width, len(ids), False)
+        if why_off:
+            stats["packing"]["why_off"] = why_off
+        return samples, False
+    rows = pack_samples(samples, lengths, seed=seed, pad_id=tokenizer.pad_id)
+    stats["packing"] = packing_stats(lengths, width, len(rows["input_ids"]), True)
+    return rows, True

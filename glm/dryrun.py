@@ -6,7 +6,9 @@ model (with its adapters) and counts its real parameters; loads `load_checkpoint
 unless training from scratch), so a checkpoint whose names or shapes do not fit fails here with the same
 one-line error as a real run; and decodes one sample of the data the run mode reads (train: a training
 sample next to its masked labels, the usual place where a wrong template or a missing eos shows up;
-eval: an eval sample; predict/chat: the tokenizer only; export: no data).
+eval: an eval sample; predict/chat: the tokenizer only; export: no data). Training modes also print the
+estimated peak memory per device, with the loss unchunked and chunked, against the device's memory
+(glm/memory.py): the answer to "will it fit" before any weight is loaded onto a device.
 
 The model is built with MindSpore's deferred initialisation, so parameters get memory only when a
 checkpoint fills them: a 6B config is checked on a laptop in seconds (without a checkpoint, ~0.5 GB RSS).
@@ -67,6 +69,10 @@ def dry_run(cfg: RunConfig | dict, run_mode: str) -> None:
         print("load_checkpoint: random (random initialisation)")
     else:
         print("load_checkpoint: (none: random initialisation)")
+    if run_mode in ("train", "finetune"):
+        from glm.memory import report  # pure arithmetic on the parameter shapes: nothing is allocated
+
+        print("\n" + report(run, model), flush=True)
     name = DATA_OF_MODE.get(run_mode)
     if name is None:
         if run_mode in ("predict", "chat", "serve"):

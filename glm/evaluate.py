@@ -30,6 +30,7 @@ from glm.dataset import build_dataset
 from glm.generate import Generator
 from glm.io import ensure_dir, os_error, write_json_atomic
 from glm.metrics import SCORE_KEYS, ADGENMetric, PerplexityMetric
+from glm.packing import round_budget, select_labels
 from glm.prompt_format import FORMAT_VERSIONS, data_format, recorded_format, resolve_prompt_format
 from glm.runtime import ms
 from glm.settings import RunConfig, as_run
@@ -119,7 +120,12 @@ def generate_and_score(generator: Generator, data, indices: list[int], gen_cfg, 
 
 def token_loss(model, ids: np.ndarray, labels: np.ndarray, batch: int) -> tuple[float, int]:
     """(summed token cross-entropy, target tokens) of train-layout rows, teacher-forced in batches of
-    `batch` (the last batch padded with label-free rows, so one graph shape is compiled)."""
+    `batch` (the last batch padded with label-free rows, so one graph shape is compiled).
+
+    The loss is the label-only one: logits only at the K labelled positions of a batch, K the largest
+    label count of these batches rounded up to a multiple of 16 (one K per call: one graph)."""
+    counts = (labels != -100).sum(axis=1)
+    budget = round_budget(max((int(counts[s:s + batch].sum()) for s in range(0, len(ids), batch)), default=0))
     total, count = 0.0, 0
     for start in range(0, len(ids), batch):
         x, y = ids[start:start + batch], labels[start:start + batch]
@@ -128,7 +134,8 @@ def token_loss(model, ids: np.ndarray, labels: np.ndarray, batch: int) -> tuple[
             y = np.concatenate([y, np.full((batch - len(y), y.shape[1]), -100, y.dtype)])
         tokens = int((y != -100).sum())
         if tokens:
-            loss = float(model(ms.Tensor(x), ms.Tensor(y)).asnumpy())
+            rows, label_ids = select_labels(y, budget)
+            loss = float(model(ms.Tensor(x), ms.Tensor(label_ids), None, None, ms.Tensor(rows)).asnumpy())
             if not math.isfinite(loss):
                 raise GLMError(f"eval batch at sample {start}: loss is {loss}")
             total += loss * tokens

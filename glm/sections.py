@@ -192,6 +192,9 @@ class DatasetConfig:
     drop_remainder: bool = key(True, "drop the last partial batch")
     batch_size: int = key(1, "replaced by runner_config.batch_size (as MindFormers does)", min=1, status=INERT)
     repeat: int = key(1, "passes over the file per epoch", min=1)
+    packing: bool = key(True, "train: pack several samples per row (attention blocked between them, positions "
+                        "restarting; same loss as one per row, less padding); eval and eval loss never pack",
+                        ours=True)
     numa_enable: bool = key(False, "NUMA binding of the pipeline", status=NOTICE)
     prefetch_size: int = key(1, "pipeline prefetch depth", min=1, status=NOTICE)
     seed: int = key(0, "replaced by the top-level seed (as MindFormers does)", status=INERT)

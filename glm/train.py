@@ -42,6 +42,7 @@ from glm.dropout import COUNTER_NAME, use_counted_dropout
 from glm.io import output_lock, remove_stale_temps, write_json_atomic
 from glm.model.glm import count_parameters
 from glm.optim import build_optimizer, build_schedule, lr_multiplier
+from glm.packing import select_labels
 from glm.prompt_format import data_format
 from glm.runlog import RunLog, new_run_id, plot_run, run_log, terminal, write_to_log
 from glm.runtime import ms
@@ -81,7 +82,7 @@ class Trainer:
         self.dropout_rng = use_counted_dropout(self.model, run.seed, self.proc.rank)
         self.data = build_dataset(run.train_data, batch_size=self.batch_size,
                                   seq_length=self.model.config.seq_length, num_shards=shards[0],
-                                  shard_id=shards[1])
+                                  shard_id=shards[1], pack=run.train_data.packing)
         check_vocab(self.data.tokenizer, self.model.config, "train_dataset.tokenizer")
         self.fingerprint = run_fingerprint(self.model.config, self.lora, self.data.tokenizer)
         self.steps_per_epoch = self.data.num_batches * self.data.repeat // self.accumulate
@@ -91,6 +92,9 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.epochs
         # As HF Trainer: max_steps ends the run early and the schedule spans the steps that will run.
         self.stop_at = self.total_steps if self.max_steps in (None, -1) else min(int(self.max_steps), self.total_steps)
+        # The label-only loss's static K: from every batch of the epochs this run plans (not from where a
+        # resume starts), so a resumed run and every rank compile the same graph.
+        self.label_budget = self.data.label_budget(-(-self.stop_at // self.steps_per_epoch))
         self.base_checkpoint = run.load_checkpoint or ""
         self.loaded = load_checkpoints(self.model, self.base_checkpoint, self.lora,
                                        required=run_mode == "finetune", run_mode=run_mode)
@@ -195,6 +199,15 @@ class Trainer:
             print(f"resume: the lr schedule now spans {self.schedule.total} steps (the checkpoint's run: {span}); "
                   f"lr at step {step + 1} is {self.schedule(step):.3e}", flush=True)
 
+    def _data_line(self) -> str:
+        p = self.data.stats.get("packing") or {}
+        rows = (f"{p.get('samples')} samples packed into {p.get('rows')} rows" if self.data.packed
+                else f"{p.get('rows')} rows (packing off)")
+        pad = 100 * (p.get("padding_after") or 0.0)
+        before = f" (unpacked {100 * p['padding_before']:.1f}%)" if self.data.packed else ""
+        return (f"data: {rows} of {p.get('row_width')} tokens, padding {pad:.1f}%{before}; label budget "
+                f"{self.label_budget} positions per micro-batch")
+
     def _span_text(self) -> str:
         run = f"{self.epochs} epochs x {self.steps_per_epoch} steps = {self.total_steps}"
         if self.stop_at < self.total_steps:
@@ -234,6 +247,7 @@ class Trainer:
         print(f"training: {total:,} parameters ({trainable:,} trainable), {self.steps_per_epoch} steps/epoch x "
               f"{self.epochs} epochs, global batch {self.batch_size * self.accumulate * self.proc.world}, "
               f"world {self.proc.world}", flush=True)
+        print(self._data_line(), flush=True)
         sched = self.schedule
         print(f"lr schedule: {sched.kind} over {sched.total} steps (run: {self._span_text()}"
               f"{'; lr_schedule.total_steps' if sched.total != stop_at else ''}), warmup {sched.warmup}, "
@@ -265,7 +279,7 @@ class Trainer:
                     self.global_step += 1
                     first_loss = loss if first_loss is None else first_loss
                     last_loss = loss
-                    ntok = sum(ids.shape[0] * ids.shape[1] for ids, _ in micro)
+                    ntok = sum(m[0].shape[0] * m[0].shape[1] for m in micro)
                     if self.global_step > 2:        # steps 1-2 include graph compilation
                         tokens_since += ntok
                         t_steady = (t_steady or 0.0) + dt
@@ -303,7 +317,8 @@ class Trainer:
         summary = {"run_mode": self.run_mode, "steps": self.global_step, "first_loss": first_loss,
                    "final_loss": last_loss, "steady_tokens_per_s": round(tokens_since / t_steady, 1) if t_steady else None,
                    "peak_rss_mb": round(peak_rss_mb(), 1), "last_checkpoint": str(self.last_checkpoint or ""),
-                   "parameters": total, "trainable_parameters": trainable, **log.stamp}
+                   "parameters": total, "trainable_parameters": trainable, "label_budget": self.label_budget,
+                   "packing": self.data.stats.get("packing"), **log.stamp}
         summary["weights"] = str(self._save_weights())
         if self.proc.is_main:
             summary["plots"] = self._plot()
@@ -324,12 +339,18 @@ class Trainer:
         return [str(f) for f in files]
 
     def _batches(self, epoch: int, skip_batches: int):
+        """The micro-batches of `epoch` as the model takes them: (input_ids, label_ids, positions, segments,
+        label_rows); positions and segments are None for unpacked rows (the model's own defaults)."""
         it = self.data.for_epoch(epoch, skip_batches).create_tuple_iterator(num_epochs=1, output_numpy=True)
-        for ids, labels in it:
-            yield ids.astype(np.int32), labels.astype(np.int32)
+        for cols in it:
+            ids, labels = cols[0].astype(np.int32), cols[1].astype(np.int32)
+            positions, segments = (cols[2].astype(np.int32), cols[3].astype(np.int32)) if self.data.packed \
+                else (None, None)
+            label_rows, label_ids = select_labels(labels, self.label_budget)
+            yield ids, label_ids, positions, segments, label_rows
 
     def _weights(self, micro: list) -> list[float]:
-        counts = [float((labels != -100).sum()) for _, labels in micro]
+        counts = [float((m[1] != -100).sum()) for m in micro]
         total = self._all_sum(sum(counts)) if self.proc.world > 1 else sum(counts)
         if total == 0:
             return [0.0 for _ in counts]

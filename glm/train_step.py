@@ -48,8 +48,9 @@ class LossScale:
 
 
 class TrainStep:
-    """`micro(ids, labels, weight)` accumulates; `apply(lr, step)` updates. With accumulation 1 the two
-    are fused into `fused(...)`, which avoids the gradient buffers and one graph call."""
+    """`micro(ids, label_ids, positions, segments, label_rows, weight)` accumulates; `apply(lr, step)`
+    updates. With accumulation 1 the two are fused into `fused(...)`, which avoids the gradient buffers and
+    one graph call."""
 
     def __init__(self, model: nn.Cell, optimizer: AdamW, max_grad_norm: Optional[float],
                  loss_scale: Optional[LossScale], accumulate: int, reducer: Optional[nn.Cell] = None):
@@ -68,8 +69,8 @@ class TrainStep:
         self.micro = ms.jit(self._micro)
         self.apply = ms.jit(self._apply)
 
-    def _forward(self, ids, labels, weight):
-        loss = self.model(ids, labels)
+    def _forward(self, ids, label_ids, positions, segments, label_rows, weight):
+        loss = self.model(ids, label_ids, positions, segments, label_rows)
         scaled = loss * weight
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
@@ -94,14 +95,14 @@ class TrainStep:
             self.scaler.adjust(finite)
         return finite, norm
 
-    def _fused(self, ids, labels, weight, lr, step):
-        (_, loss), grads = self._grad_fn(ids, labels, weight)
+    def _fused(self, ids, label_ids, positions, segments, label_rows, weight, lr, step):
+        (_, loss), grads = self._grad_fn(ids, label_ids, positions, segments, label_rows, weight)
         finite, norm = self._update(grads, lr, step)
         # One tensor, so the host waits for the device once per step.
         return ops.stack([loss.astype(ms.float32), finite.astype(ms.float32), norm])
 
-    def _micro(self, ids, labels, weight):
-        (_, loss), grads = self._grad_fn(ids, labels, weight)
+    def _micro(self, ids, label_ids, positions, segments, label_rows, weight):
+        (_, loss), grads = self._grad_fn(ids, label_ids, positions, segments, label_rows, weight)
         for i in range(len(grads)):
             ops.assign_add(self.buffers[i], grads[i].astype(ms.float32))
         return loss
@@ -113,20 +114,28 @@ class TrainStep:
             ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i]))
         return ops.stack([finite.astype(ms.float32), norm])
 
-    def run(self, batches: list[tuple[np.ndarray, np.ndarray]], weights: list[float], lr: float,
-            step: int) -> tuple[float, bool, float]:
-        """One optimizer step over `accumulate` micro-batches; returns (weighted loss, finite, grad norm)."""
+    def run(self, batches: list[tuple], weights: list[float], lr: float, step: int) -> tuple[float, bool, float]:
+        """One optimizer step over `accumulate` micro-batches; returns (weighted loss, finite, grad norm).
+
+        A micro-batch is (input_ids [B, S], label_ids [K], positions [B, S] | None, segments [B, S] | None,
+        label_rows [K]) as glm/packing.py builds them (None: one sample per row); label_rows None with
+        label_ids [B, S] is the dense (all positions) loss.
+        """
         lr_t, step_t = Tensor(lr, ms.float32), Tensor(float(step), ms.float32)
         if self.accumulate == 1:
-            ids, labels = batches[0]
-            loss, finite, norm = self.fused(Tensor(ids), Tensor(labels), Tensor(weights[0], ms.float32),
+            loss, finite, norm = self.fused(*_tensors(batches[0]), Tensor(weights[0], ms.float32),
                                             lr_t, step_t).asnumpy().tolist()
             losses = [loss]
         else:
-            pending = [self.micro(Tensor(ids), Tensor(labels), Tensor(w, ms.float32))
-                       for (ids, labels), w in zip(batches, weights)]
+            pending = [self.micro(*_tensors(b), Tensor(w, ms.float32)) for b, w in zip(batches, weights)]
             finite, norm = self.apply(lr_t, step_t).asnumpy().tolist()
             losses = [float(x.asnumpy()) for x in pending]
         total_w = sum(weights)
         loss = sum(w * lv for w, lv in zip(weights, losses)) / total_w if total_w else float("nan")
         return loss, finite > 0, norm
+
+
+def _tensors(micro: tuple) -> tuple:
+    """The model's inputs of one micro-batch, in its order; a short (ids, labels) pair is the dense loss."""
+    micro = tuple(micro) + (None,) * (5 - len(micro))
+    return tuple(None if a is None else Tensor(a) for a in micro)

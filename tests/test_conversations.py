@@ -7,6 +7,7 @@ the tools JSON of build_chat_input, process_batch's shifted loss mask), never fr
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import unicodedata
@@ -365,7 +366,7 @@ def test_shipped_chat_sample_regenerates_and_uses_the_tiny_tokenizers_pieces(tmp
 # ---------------------------------------------------------------- fine-tune and answer (the CLI, as a user would)
 
 def test_tiny_glm3_learns_the_shipped_conversations_and_answers_tool_calls(tmp_path):
-    """Fine-tune on the first 12 lines of the shipped sample (tool calls, two-round and single requests; 180 steps,
+    """Fine-tune on the first 12 lines of the shipped sample (tool calls, two-round and single requests; 60 epochs,
     ~30 s on an idle 2-core machine), then predict on prompts taken from it: the tool call (name + JSON arguments) after the system turn with tools,
     the answer after the observation, and the second round of a dialogue: each is the trained reply, greedy;
     eval on the same lines scores them against those replies."""
@@ -379,12 +380,14 @@ def test_tiny_glm3_learns_the_shipped_conversations_and_answers_tool_calls(tmp_p
         {"tools": tool_row["tools"], "conversations": tool_row["conversations"][:call_at + 1]},  # -> the tool call
         tool_row, rounds_row])
     out = tmp_path / "run"
-    run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "finetune",
-            f"train_dataset.data_loader.dataset_dir={train}", f"output_dir={out}", "runner_config.epochs=60",
-            "lr_schedule.learning_rate=3.e-3", "lr_schedule.warmup_steps=5", timeout=900)
+    proc = run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "finetune",
+                   f"train_dataset.data_loader.dataset_dir={train}", f"output_dir={out}", "runner_config.epochs=60",
+                   "lr_schedule.learning_rate=3.e-3", "lr_schedule.warmup_steps=5", timeout=900)
+    rows_per_epoch = json.loads((out / "data_stats.json").read_text())["packing"]["rows"]   # packed conversations
+    steps = int(re.search(r"(\d+) steps/epoch x 60 epochs", proc.stdout)[1])
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
-    assert len(losses) == 180 and losses[0] > 5 and np.mean(losses[-10:]) < 0.02 * losses[0]
+    assert rows_per_epoch < 12 and len(losses) == 60 * steps and losses[0] > 5 and np.mean(losses[-10:]) < 0.02 * losses[0]
     ckpt = next((out / "checkpoint_network").rglob("*.ckpt"))
     run_glm("--config", "configs/glm3/run_glm3_tiny_chat.yaml", "--run_mode", "predict", "--predict_data",
             str(prompts), f"--load_checkpoint={ckpt}", f"output_dir={out}", timeout=600)

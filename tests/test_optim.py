@@ -175,7 +175,8 @@ class Affine(ms.nn.Cell):
         self.w = ms.Parameter(ms.Tensor(w0), name=f"{tag}.w")
         self.b = ms.Parameter(ms.Tensor(b0), name=f"{tag}.b")
 
-    def construct(self, x, y):
+    def construct(self, x, y, positions=None, segments=None, label_rows=None):
+        # TrainStep passes the model's five inputs (glm/train_step.py); the packing ones are unused here.
         return ms.ops.square(ms.ops.matmul(x, self.w) + self.b - y).mean()
 
 

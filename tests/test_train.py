@@ -50,11 +50,12 @@ def error_line(proc) -> str:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """The first lines of the sample data, so that an epoch is a few steps: {n_lines: path}."""
+    """The first lines of the sample data, so that an epoch is a few steps: {n_lines: path}. Packed
+    (train_dataset.packing, on by default) two samples share a row: 24 lines are 12 rows, 3 batches of 4."""
     d = tmp_path_factory.mktemp("data")
     lines = (REPO / "data/sample/train.json").read_text(encoding="utf-8").splitlines(keepends=True)
     paths = {}
-    for n in (12, 24):
+    for n in (12, 24, 48):
         paths[n] = d / f"train{n}.json"
         paths[n].write_text("".join(lines[:n]), encoding="utf-8")
     return {n: str(path) for n, path in paths.items()}
@@ -108,6 +109,13 @@ def test_data_stats_json_has_truncation_counts_and_percentiles(base_run):
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
         assert stats[key] == {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
     assert stats["source_tokens"]["p50"] > 20 and stats["target_tokens"]["max"] > 10
+    # packing (on by default): every sample is min(src, 48) + min(tgt, 79) + eos tokens of a 128-wide row
+    tokens = int((np.minimum(src, 48) + np.minimum(tgt, 79) + 1).sum())
+    pack = stats["packing"]
+    assert pack["enabled"] and pack["samples"] == 300 and pack["tokens"] == tokens and pack["row_width"] == 128
+    assert pack["padding_before"] == pytest.approx(1 - tokens / (300 * 128), abs=1e-4)
+    assert pack["padding_after"] == pytest.approx(1 - tokens / (pack["rows"] * 128), abs=1e-4)
+    assert pack["rows"] < 200 and pack["padding_after"] < pack["padding_before"] / 2
     assert not [f for f in base_run.iterdir() if f.name.startswith(".")]     # written via temp name + rename
 
 
@@ -141,6 +149,11 @@ def test_sigkill_between_checkpoints_resumes_from_last_complete(base_run, tmp_pa
     assert f"resumed from {last}" in proc.stdout
     assert "skipping unreadable checkpoint" in proc.stderr
     assert max_diff(final_weights(out), final_weights(base_run)) <= 1e-6
+    # with packing on (the default), the same rows, the same label budget K (one graph shape) after the kill
+    pack = json.loads((out / "data_stats.json").read_text())["packing"]
+    assert pack["enabled"] and f"{pack['samples']} samples packed into {pack['rows']} rows" in proc.stdout
+    summary, base = (json.loads((d / "train_summary.json").read_text()) for d in (out, base_run))
+    assert summary["label_budget"] == base["label_budget"] and summary["label_budget"] % 16 == 0
 
 
 def test_gradient_accumulation_2xB_equals_batch_2B(tmp_path):
@@ -217,7 +230,7 @@ def test_fp16_loss_scale_is_checkpointed_and_restored_from_an_older_file_at_an_e
     """fp16 on CPU with dynamic loss scaling; 2 epochs of 3 steps; `--resume_training FILE` from the
     end-of-epoch-1 checkpoint (not the newest) continues exactly, loss scale included. A resumed run
     also removes the temporary files a killed run left (dead PIDs on this host only)."""
-    args = ["--train_dataset_dir", small_data[12], "--epochs", "2", "model.model_config.compute_dtype=float16",
+    args = ["--train_dataset_dir", small_data[24], "--epochs", "2", "model.model_config.compute_dtype=float16",
             "model.model_config.param_init_type=float16", "runner_wrapper.scale_sense.loss_scale_value=1024",
             "runner_wrapper.scale_sense.scale_window=1", "callbacks.CheckpointMonitor.save_checkpoint_steps=3"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -251,7 +264,7 @@ def test_dropout_resume_mid_epoch_with_accumulation_equals_uninterrupted(small_d
     """LoRA with lora_dropout and hidden_dropout 0.1, gradient accumulation 2, 3 steps per epoch: resuming
     from step 2 (mid-epoch; the resumed run then crosses into epoch 2) gives the uninterrupted run's
     losses and adapter weights — the dropout random state is checkpointed."""
-    args = ["--train_dataset_dir", small_data[24], "--epochs", "2", "--gradient_accumulation_steps", "2",
+    args = ["--train_dataset_dir", small_data[48], "--epochs", "2", "--gradient_accumulation_steps", "2",
             "model.model_config.pet_config.lora_dropout=0.1", "model.model_config.hidden_dropout=0.1",
             "callbacks.CheckpointMonitor.save_checkpoint_steps=1", "callbacks.CheckpointMonitor.keep_checkpoint_max=6"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -312,7 +325,7 @@ def test_nonfinite_gradients_with_a_finite_loss_are_named_as_such():
             super().__init__()
             self.w = ms.Parameter(ms.Tensor(np.zeros((2, 2), np.float32)), name="nonfinite_test.w")
 
-        def construct(self, x, y):
+        def construct(self, x, y, positions=None, segments=None, label_rows=None):   # TrainStep's 5 inputs
             return ms.ops.sqrt(ms.ops.square(self.w * x).sum()) + y.sum()
 
     model = Norm()

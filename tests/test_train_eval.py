@@ -7,6 +7,7 @@ Every run drives `run_glm.py` in a subprocess, as a user would; the expensive ru
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -34,9 +35,22 @@ def net_dir(out):
     return out / "checkpoint_network" / "rank_0"
 
 
-def train_ckpt(out, prefix: str, step: int, steps_per_epoch: int = 75):
-    epoch = (step - 1) // steps_per_epoch + 1
-    return out / "checkpoint" / "rank_0" / f"{prefix}_rank_0-{epoch}_{step - (epoch - 1) * steps_per_epoch}.ckpt"
+@functools.cache
+def steps_per_epoch(config: str = TINY2) -> int:
+    """Steps of one epoch of a tiny config: its packed rows (train_dataset.packing) per batch."""
+    from glm.config import load_config
+    from glm.dataset import build_dataset
+    from glm.settings import as_run
+
+    run = as_run(load_config(str(REPO / config)))
+    return build_dataset(run.train_data, batch_size=run.runner_config.batch_size,
+                         pack=run.train_data.packing).num_batches
+
+
+def train_ckpt(out, prefix: str, step: int, config: str = TINY2):
+    steps_per_epoch_ = steps_per_epoch(config)
+    epoch = (step - 1) // steps_per_epoch_ + 1
+    return out / "checkpoint" / "rank_0" / f"{prefix}_rank_0-{epoch}_{step - (epoch - 1) * steps_per_epoch_}.ckpt"
 
 
 def replay(evals: list[dict], metric: str, greater: bool, patience: int, threshold: float = 0.0):
@@ -102,7 +116,7 @@ def test_best_checkpoint_is_the_best_scoring_step(glm3_run):
     # The best file holds the weights of that step (the training checkpoint written at the same step).
     best_ckpt = net_dir(out) / "glm3-tiny_rank_0-best.ckpt"
     assert best["checkpoint"] == str(best_ckpt)
-    assert max_diff(read_ckpt(best_ckpt), read_ckpt(train_ckpt(out, "glm3-tiny", step))) == 0.0
+    assert max_diff(read_ckpt(best_ckpt), read_ckpt(train_ckpt(out, "glm3-tiny", step, TINY3))) == 0.0
 
 
 def test_standalone_eval_of_the_best_checkpoint_gives_the_logged_scores(glm3_run, tmp_path):
@@ -229,7 +243,9 @@ def test_max_steps_shortens_the_schedule_and_a_finished_run_continues_or_says_wh
     common = ["--config", TINY2, "--run_mode", "finetune", "--load_checkpoint", "random", "--output_dir", str(out),
               "callbacks.CheckpointMonitor.save_checkpoint_steps=1000"]
     proc = run_glm(*common, "--max_steps", "20")
-    assert "lr schedule: polynomial over 20 steps (run: max_steps 20 of 4 epochs x 75 steps = 300)" in proc.stdout
+    spe = steps_per_epoch()
+    assert f"lr schedule: polynomial over 20 steps (run: max_steps 20 of 4 epochs x {spe} steps = {4 * spe})" \
+        in proc.stdout
     lrs = [r["lr"] for r in jsonl(out / "metrics.jsonl")]
     cfg_lr, warmup = 1e-3, 10                                       # configs/glm2/run_glm2_tiny.yaml
     assert len(lrs) == 20

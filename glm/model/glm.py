@@ -2,10 +2,13 @@
 
     input_ids -> embedding -> N x GLMBlock -> final RMSNorm -> output_layer -> logits
 
-`GLMForCausalLM.construct(input_ids, labels)` is the training/full-sequence path. Labels arrive
-already shifted by the data pipeline (labels[t] is the target for position t), so the loss is a plain
-token-level cross-entropy that ignores -100. `CachedStep` and `LastLogits` are thin cells over the same
-parameters for incremental decoding with the static KV cache and for recompute-style decoding.
+`GLMForCausalLM.construct(input_ids, labels, positions, segments, label_rows)` is the training/full-sequence
+path. Labels arrive already shifted by the data pipeline (labels[t] is the target for position t). The loss
+projects only the rows that have a label (`label_rows`, a static budget K per run) and does so chunk by chunk
+(glm/model/loss.py), so no [B*S, V] logits exist. A row may pack several samples: `segments` (1, 2, ... per
+sample, 0 for padding) block attention between them and `positions` restart per sample.
+`CachedStep` and `LastLogits` are thin cells over the same parameters for incremental decoding with the
+static KV cache and for recompute-style decoding.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from glm.model.config import GLMConfig
 from glm.model.layers import NEG_INF, GLMBlock, Linear, RMSNorm, rope_table
+from glm.model.loss import ChunkedCrossEntropy, chunk_rows, logits_cross_entropy
 from glm.model.ptuning import PrefixEncoder, freeze_all_but_prefix
 from glm.runtime import ms, resolve_dtype
 
@@ -86,7 +90,7 @@ class GLMForCausalLM(nn.Cell):
         cos, sin = rope_table(config.seq_length, config.head_dim, 10000.0 * config.rope_ratio)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32))
-        self.loss = TokenCrossEntropy()
+        self.loss = ChunkedCrossEntropy(chunk_rows(config.padded_vocab_size))
         self.prefix_encoder = None
         if self.prefix_len:
             self.prefix_encoder = PrefixEncoder(config.ptuning, config.num_layers, config.num_kv_heads,
@@ -95,29 +99,53 @@ class GLMForCausalLM(nn.Cell):
             self.prefix_slots = Tensor(np.arange(self.prefix_len, dtype=np.int32).reshape(1, -1))
             freeze_all_but_prefix(self)
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
-        """Full-sequence forward with the causal + pad-key mask: [B, S] -> [B, S, H] (fp32)."""
+    def hidden_states(self, input_ids: Tensor, positions=None, segments=None) -> Tensor:
+        """Full-sequence forward: [B, S] -> [B, S, H] (fp32).
+
+        Token i attends to key j <= i; without `segments` to every non-pad key, with them ([B, S], 1, 2, ...
+        per packed sample, 0 for padding) only to keys of its own nonzero segment. `positions` [B, S] index
+        the rotary tables (default 0 .. S-1)."""
         b, s = input_ids.shape
-        causal = self.slots[:s].reshape(1, s) <= self.slots[:s].reshape(s, 1)          # [S, S] j <= i
-        keep = ops.logical_and(causal.reshape(1, s, s), (input_ids != self.pad_token_id).reshape(-1, 1, s))
+        causal = (self.slots[:s].reshape(1, s) <= self.slots[:s].reshape(s, 1)).reshape(1, s, s)   # j <= i
+        if segments is None:
+            keep = ops.logical_and(causal, (input_ids != self.pad_token_id).reshape(-1, 1, s))
+        else:
+            same = segments.reshape(b, s, 1) == segments.reshape(b, 1, s)
+            keep = ops.logical_and(ops.logical_and(causal, same), (segments != 0).reshape(b, 1, s))
         mask = ops.select(keep, ops.zeros_like(keep, dtype=ms.float32),
                           ops.full_like(keep, NEG_INF, dtype=ms.float32)).reshape(-1, 1, s, s)
-        cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
+        if positions is None:
+            cos, sin = self.rope_cos[:s].reshape(1, s, 1, -1), self.rope_sin[:s].reshape(1, s, 1, -1)
+        else:
+            cos = ops.gather(self.rope_cos, positions, 0).reshape(b, s, 1, -1)
+            sin = ops.gather(self.rope_sin, positions, 0).reshape(b, s, 1, -1)
         x = self.transformer.embedding(input_ids)
         if self.prefix_encoder is None:
             return self.transformer.encoder(x, cos, sin, mask)
-        # Every token sees the whole prefix: P always-open key columns in front of the causal mask.
+        # Every token sees the whole prefix (each packed sample too, as it would alone): P always-open key
+        # columns in front of the mask.
         mask = ops.concat((ops.zeros((b, 1, s, self.prefix_len), ms.float32), mask), -1)
         return self.transformer.encoder(x, cos, sin, mask, None, None, self.prefix_encoder(b))
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.transformer.output_layer(hidden).astype(ms.float32)
 
-    def construct(self, input_ids: Tensor, labels=None) -> Tensor:
-        logits = self.logits(self.hidden_states(input_ids))
+    def construct(self, input_ids: Tensor, labels=None, positions=None, segments=None, label_rows=None) -> Tensor:
+        """labels None: logits [B, S, V]. labels [B, S] (label_rows None): mean CE over labels != -100.
+        label_rows [K] (flat indices r * S + t) with labels [K]: mean CE over those rows' labels != -100;
+        only these K rows reach the output layer."""
+        hidden = self.hidden_states(input_ids, positions, segments)
         if labels is None:
-            return logits
-        return self.loss(logits, labels)
+            return self.logits(hidden)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if label_rows is not None:
+            hidden = ops.gather(hidden, label_rows, 0)
+        head = self.transformer.output_layer
+        if self.training and not head.mergeable:
+            # LoRA with dropout on the output layer itself: its adapter sees dropout(x), which no single
+            # weight reproduces, so these K rows get plain logits.
+            return logits_cross_entropy(head(hidden), labels.reshape(-1))
+        return self.loss(hidden, head.merged_weight(), labels.reshape(-1))
 
     def cached_hidden(self, input_ids: Tensor, positions: Tensor, past=None, write_prefix: bool = False):
         """Forward over new tokens at `positions` [B, S], reading and writing the KV cache
@@ -138,36 +166,6 @@ class GLMForCausalLM(nn.Cell):
             return self.transformer.encoder(x, cos, sin, mask, row + slots, past)
         index = ops.concat((row + self.prefix_slots, row + slots), 1)                  # [B, P + S]
         return self.transformer.encoder(x, cos, sin, mask, index, past, self.prefix_encoder(b))
-
-
-class TokenCrossEntropy(nn.Cell):
-    """Mean cross-entropy over positions whose label is not -100 (labels are pre-shifted).
-
-    The backward is written out - (softmax(logits) - onehot(label)) * weight per row - because
-    MindSpore's CPU LogSoftmaxGrad on [B*S, vocab] costs ~7x a softmax (measured 28 ms vs 4 ms on
-    [1024, 4096]); this halves the cost of the loss in a training step.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.softmax = ops.Softmax(-1)   # the primitive: ops.softmax inside a bprop fails to compile
-
-    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
-        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        valid = (labels != -100).astype(ms.float32)
-        logp = ops.log_softmax(logits, -1)
-        nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1).astype(ms.int32)).reshape(-1)
-        return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
-
-    def bprop(self, logits: Tensor, labels: Tensor, out: Tensor, dout: Tensor):
-        shape = logits.shape
-        flat, lab = logits.reshape(-1, shape[-1]), labels.reshape(-1).astype(ms.int32)
-        valid = (lab != -100).astype(ms.float32)
-        weight = valid * (dout / ops.maximum(valid.sum(), 1.0))
-        grad = self.softmax(flat) * weight.reshape(-1, 1)
-        rows = ops.arange(flat.shape[0], dtype=ms.int32)
-        grad = ops.tensor_scatter_add(grad, ops.stack([rows, ops.maximum(lab, 0)], 1), -weight)
-        return grad.reshape(shape), ops.zeros_like(labels)
 
 
 def _take_last(hidden: Tensor, last_index: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ class Linear(nn.Cell):
             self.bias = Parameter(initializer("zeros", (out_features,), param_dtype), name="bias")
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
+        self.mergeable = True   # merged_weight() reproduces the layer exactly (LoRA with dropout does not)
 
     def construct(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -40,6 +41,11 @@ class Linear(nn.Cell):
         if self.has_bias:
             y = y + self.bias.astype(self.compute_dtype)
         return y.reshape(shape[:-1] + (self.out_features,))
+
+    def merged_weight(self) -> Tensor:
+        """W [out, in] in the compute dtype, such that this layer is x W^T (+ b): the fused loss
+        (glm/model/loss.py) multiplies by it directly instead of calling the layer."""
+        return self.weight.astype(self.compute_dtype)
 
 
 class RMSNorm(nn.Cell):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
 from glm import GLMError
@@ -34,6 +34,9 @@ class LoRALinear(Linear):
                                             ms.float32), name="lora_a")
         self.lora_b = Parameter(initializer("zeros", (self.out_features, rank), ms.float32), name="lora_b")
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        # With dropout on x the adapter cannot be folded into W while training (merged_weight is then
+        # exact only in eval mode).
+        self.mergeable = self.lora_dropout is None
 
     def construct(self, x: Tensor) -> Tensor:
         y = super().construct(x)
@@ -44,6 +47,11 @@ class LoRALinear(Linear):
         b = self.lora_b.astype(self.compute_dtype)
         delta = self.matmul(self.matmul(h, a), b) * self.scaling
         return y + delta.reshape(shape[:-1] + (self.out_features,))
+
+    def merged_weight(self) -> Tensor:
+        """W + scaling * B A in the compute dtype (x W^T + scaling * (x A^T) B^T = x (W + scaling B A)^T)."""
+        delta = ops.matmul(self.lora_b.astype(self.compute_dtype), self.lora_a.astype(self.compute_dtype))
+        return self.weight.astype(self.compute_dtype) + delta * self.scaling
 
 
 LORA_KEYS = ("pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules")
