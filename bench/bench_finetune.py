@@ -142,13 +142,40 @@ def result_line(log: Path) -> dict:
     sys.exit(f"no RESULT line in {log}")
 
 
+# Label tokens in the first STEPS batches of epoch 0, from glm's own numpy twin of the training pipeline:
+# with packing, rows of a last partial batch are dropped (drop_remainder), so fewer than all labels train.
+TRAINED = r"""
+import sys
+from glm.config import load_config
+from glm.dataset import build_dataset
+from glm.settings import resolve
+cfg = resolve(load_config(sys.argv[1]))
+extra = {"pack": cfg.train_data.packing} if hasattr(cfg.train_data, "packing") else {}
+data = build_dataset(cfg.train_data, batch_size=cfg.runner_config.batch_size, **extra)
+n = 0
+for i, batch in enumerate(data.iter_batches(0)):
+    if i < int(sys.argv[2]):
+        n += int((batch["labels"] != -100).sum())
+print("TRAINED", n)
+"""
+
+
+def trained_tokens(yaml_path: str, steps: int) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPO), GLOG_v="3")
+    out = subprocess.run([sys.executable, "-c", TRAINED, yaml_path, str(steps)], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return int(next(line for line in out.splitlines() if line.startswith("TRAINED ")).split()[1])
+
+
 def ours_finetune(inp: dict, out: Path, counts: dict) -> dict:
     res = run_child([sys.executable, "-m", "glm", "finetune", "--config", inp["yaml"], "--output_dir", str(out)],
                     out.with_suffix(".log"))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    stats = json.loads((out / "data_stats.json").read_text())
-    return {**res, "losses": losses, "steps": len(losses), "target_tokens": counts["target_tokens"],
-            "rows": stats.get("rows"), "padding": stats.get("padding_fraction")}
+    packing = json.loads((out / "data_stats.json").read_text()).get("packing", {})
+    if len(losses) not in counts.setdefault("ours_trained", {}):   # the same for every repeat: count once
+        counts["ours_trained"][len(losses)] = trained_tokens(inp["yaml"], len(losses))
+    return {**res, "losses": losses, "steps": len(losses), "target_tokens": counts["ours_trained"][len(losses)],
+            "rows": packing.get("rows"), "padding": packing.get("padding_after")}
 
 
 def peer_finetune(inp: dict, out: Path) -> dict:
@@ -217,7 +244,7 @@ def finetune_lines(ours: list[dict], peer: list[dict], counts: dict) -> list[str
     for r in ours + peer:
         r["tps"] = tps(r)
     o, p = ours[0], peer[0]
-    rows = "" if o.get("rows") is None else f", {o['rows']} rows"
+    rows = "" if o.get("rows") is None else f" ({o['rows']} rows, padding {o['padding']:.1%})"
     return [
         "| fine-tune, one epoch | ours (`glm finetune`) | peer (transformers) | paired ratio | target |",
         "|---|---|---|---|---|",
@@ -233,8 +260,8 @@ def finetune_lines(ours: list[dict], peer: list[dict], counts: dict) -> list[str
         f"({tail_mean(o['losses']):.3f}) | {p['losses'][0]:.3f} -> {p['losses'][-1]:.3f} "
         f"({tail_mean(p['losses']):.3f}) | | |",
         "",
-        f"{counts['samples']} samples, {counts['target_tokens']:,} label tokens (peer counted "
-        f"{p['target_tokens']:,}); the peer trained "
+        f"{counts['samples']} samples, {counts['target_tokens']:,} label tokens; trained: ours "
+        f"{o['target_tokens']:,}, peer {p['target_tokens']:,}; the peer trained "
         f"{p['padded_tokens']:,} padded positions (dynamic padding). Runs (wall s / RSS MB), ours: "
         + ", ".join(f"{r['wall_s']:.1f}/{r['rss_mb']:,.0f} (load {r['load']})" for r in ours) + "; peer: "
         + ", ".join(f"{r['wall_s']:.1f}/{r['rss_mb']:,.0f} (load {r['load']})" for r in peer) + ".",
