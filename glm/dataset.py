@@ -23,8 +23,9 @@ import numpy as np
 
 from glm import GLMError
 from glm.chat_format import parse_reply, reply_text
-from glm.data import Record, format_stats, load_data
-from glm.packing import PACKED_COLUMNS, pack_samples, packing_stats, round_budget, sample_lengths
+from glm.data import IGNORE_INDEX, Record, format_stats, load_data
+from glm.packing import (PACKED_COLUMNS, batch_label_counts, pack_samples, packing_stats, round_budget,
+                         sample_lengths)
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
 from glm.settings import DatasetConfig
 from glm.tokenizer import GLMTokenizer, load_tokenizer
@@ -158,17 +159,12 @@ class AdgenDataset:
         """K of the label-only loss: the most labels any batch of epochs 0..epochs-1 holds, over every
         data-parallel shard (so all ranks, and a resumed run, compile the same graph), rounded up to a
         multiple of 16. Accumulation's micro-batches are these batches; `repeat` passes repeat them."""
-        counts = (self.rows["labels"] != -100).sum(axis=1)
+        counts = (self.rows["labels"] != IGNORE_INDEX).sum(axis=1)
         per_pass = self.batches_per_epoch() * self.batch_size
-        best = 0
-        for epoch in range(max(1, epochs)):
-            for shard in range(self.num_shards or 1):
-                idx = self._epoch_rows(epoch, shard if self.num_shards else None)[:per_pass]
-                full = len(idx) // self.batch_size * self.batch_size
-                sums = counts[idx[:full]].reshape(-1, self.batch_size).sum(axis=1)
-                tail = counts[idx[full:]].sum()
-                best = max(best, int(sums.max()) if sums.size else 0, int(tail))
-        return round_budget(best)
+        plans = (self._epoch_rows(epoch, shard if self.num_shards else None)[:per_pass]
+                 for epoch in range(max(1, epochs)) for shard in range(self.num_shards or 1))
+        sums = batch_label_counts(counts, plans, self.batch_size)
+        return round_budget(int(sums.max()) if sums.size else 0)
 
 
 def build_dataset(section: DatasetConfig | dict, *, batch_size: int, seq_length: int | None = None,

@@ -12,7 +12,7 @@ from what glm/model/layers.py keeps for the backward, for one micro-batch of B r
   [B, S, ffn] (and their product when dense_4h_to_h trains), dropout masks; plus the shared [B, 1, S, T] mask
   and one layer's backward working set (d probs and d scores, d of the MLP intermediates);
 - the loss, two ways. Unchunked (main's TokenCrossEntropy before issue 14): [B*S, V] fp32 logits, log-softmax and
-  softmax gradient (+ its compute-dtype copy). Chunked (glm/model/loss.py, SPEC14): only labelled rows (K <= B*S) in chunks of
+  softmax gradient (+ its compute-dtype copy). Chunked (glm/model/loss.py): only labelled rows (K <= B*S) in chunks of
   C = max(16, 8 Mi // V) rounded down to 16 rows: 4 fp32 [C, V] tensors at a time, the selected hidden rows and
   their gradient [K, H] fp32, and the output weight's fp32 gradient accumulator when it trains.
 
@@ -31,7 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from glm.model.loss import chunk_rows  # the loss's own rule (SPEC14), so the estimate cannot drift from it
+from glm.model.lora import lora_settings
+from glm.model.loss import chunk_rows  # the loss's own rule, so the estimate cannot drift from it
 
 GB = float(2 ** 30)
 MB = float(2 ** 20)
@@ -204,7 +205,7 @@ def estimate(w: Workload, params: list[Param]) -> Estimate:
         Term("loss, unchunked", old, f"[{n_rows}, {v}] fp32 logits + log-softmax + softmax grad"
              + (" + its compute-dtype copy" if cd != 4 else "") + ": what an unchunked loss needs"),
         Term("loss, chunked", new, f"{CHUNK_LIVE} x [{c}, {v}] fp32 per chunk + hidden/d_hidden [K<={k}, {h}] fp32"
-             + (" + d_weight [V, H]" if trains.get("output_layer") else "") + " (label rows only, SPEC14)"),
+             + (" + d_weight [V, H]" if trains.get("output_layer") else "") + " (label rows only, glm/model/loss.py)"),
     ]
     common = weights + grads + acc + states
     update = common + (n_train * 4 / split if w.clip else 0.0)   # fp32 clipped gradient copies
@@ -302,7 +303,7 @@ def workload_of(run, mcfg) -> Workload:
     data = run.train_dataset
     seq = data.max_source_length + data.max_target_length + 1 if data is not None else mcfg.seq_length
     target = run.context.device_target
-    pet = mcfg.pet_config or {}
+    lora = lora_settings(mcfg.pet_config)
     par = run.parallel_config
     return Workload(
         batch=run.runner_config.batch_size, seq=seq, layers=mcfg.num_layers, hidden=mcfg.hidden_size,
@@ -310,7 +311,7 @@ def workload_of(run, mcfg) -> Workload:
         head_dim=mcfg.head_dim, vocab=mcfg.padded_vocab_size,
         compute_bytes=_bytes_of(mcfg.compute_dtype, target), norm_bytes=_bytes_of(mcfg.layernorm_compute_type, target),
         prefix_len=mcfg.prefix_len, attention_dropout=mcfg.attention_dropout, hidden_dropout=mcfg.hidden_dropout,
-        lora_dropout=float(pet.get("lora_dropout") or 0.0) if pet.get("pet_type") == "lora" else 0.0,
+        lora_dropout=float(lora["lora_dropout"]) if lora else 0.0,
         accumulate=run.runner_config.gradient_accumulation_steps, clip=bool(run.runner_wrapper.use_clip_grad),
         model_parallel=par.model_parallel if run.use_parallel else 1,
         pipeline_stage=par.pipeline_stage if run.use_parallel else 1)

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from glm import GLMError
+from glm.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PACKED_COLUMNS = ("positions", "segments")
 BUDGET_MULTIPLE = 16
 

@@ -34,7 +34,12 @@ def _chunk_nll(h: Tensor, weight: Tensor, labels: Tensor):
 
     LogSoftmax rather than max / exp / sum: CPU ReduceMax over [128, 65024] alone costs ~3x LogSoftmax."""
     z = ops.MatMul(transpose_b=True)(h.astype(weight.dtype), weight).astype(ms.float32)     # [c, V]
-    logp = ops.log_softmax(z, -1)
+    return _nll(z, labels)
+
+
+def _nll(logits: Tensor, labels: Tensor):
+    """(nll [c] with 0 where the label is -100, log-softmax [c, V] fp32, valid [c] fp32) of fp32 logits."""
+    logp = ops.log_softmax(logits, -1)
     valid = (labels != IGNORE).astype(ms.float32)
     picked = ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
     return -picked * valid, logp, valid
@@ -112,7 +117,4 @@ class ChunkedCrossEntropy(nn.Cell):
 def logits_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean CE over labels != -100 from materialised logits [K, V] (plain ops, autodiff)."""
     labels = labels.astype(ms.int32)
-    valid = (labels != IGNORE).astype(ms.float32)
-    logp = ops.log_softmax(logits.astype(ms.float32), -1)
-    nll = -ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
-    return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
+    return _nll(logits.astype(ms.float32), labels)[0].sum() / _count(labels)
