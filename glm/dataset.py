@@ -24,8 +24,14 @@ import numpy as np
 from glm import GLMError
 from glm.chat_format import parse_reply, reply_text
 from glm.data import IGNORE_INDEX, Record, format_stats, load_data
-from glm.packing import (PACKED_COLUMNS, batch_label_counts, pack_samples, packing_stats, round_budget,
-                         sample_lengths)
+from glm.packing import (
+    PACKED_COLUMNS,
+    batch_label_counts,
+    pack_samples,
+    packing_stats,
+    round_budget,
+    sample_lengths,
+)
 from glm.runtime import ms  # sets GLOG_v before MindSpore is imported
 from glm.settings import DatasetConfig
 from glm.tokenizer import GLMTokenizer, load_tokenizer
