@@ -147,15 +147,15 @@ def result_line(log: Path) -> dict:
 TRAINED = r"""
 import sys
 from glm.config import load_config
+from glm.data import IGNORE_INDEX
 from glm.dataset import build_dataset
 from glm.settings import resolve
 cfg = resolve(load_config(sys.argv[1]))
-extra = {"pack": cfg.train_data.packing} if hasattr(cfg.train_data, "packing") else {}
-data = build_dataset(cfg.train_data, batch_size=cfg.runner_config.batch_size, **extra)
+data = build_dataset(cfg.train_data, batch_size=cfg.runner_config.batch_size, pack=cfg.train_data.packing)
 n = 0
 for i, batch in enumerate(data.iter_batches(0)):
     if i < int(sys.argv[2]):
-        n += int((batch["labels"] != -100).sum())
+        n += int((batch["labels"] != IGNORE_INDEX).sum())
 print("TRAINED", n)
 """
 
